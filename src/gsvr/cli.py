@@ -1,0 +1,176 @@
+"""The ``gsvr`` command. Flag names follow NeSVoR's where they exist."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+from gsvr.errors import GsvrError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="gsvr: %(message)s")
+    warnings.simplefilter("always", UserWarning)
+    warnings.showwarning = lambda msg, *a, **k: print(f"gsvr: warning: {msg}", file=sys.stderr)
+    try:
+        return args.func(args)
+    except GsvrError as exc:
+        if args.debug:
+            raise
+        print(f"gsvr: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gsvr: interrupted; no output written", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gsvr", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reconstruct", help="reconstruct a volume from motion-corrupted stacks")
+    r.add_argument("--input-stacks", nargs="+", required=True, metavar="NII")
+    r.add_argument("--stack-masks", nargs="+", metavar="NII", help="one brain mask per stack")
+    r.add_argument("--thicknesses", nargs="+", type=float, metavar="MM", help="slice thickness per stack (default: slice spacing)")
+    r.add_argument("--output-volume", required=True, metavar="NII")
+    r.add_argument("--output-resolution", type=float, metavar="MM", help="isotropic output voxel size (default 0.8)")
+    r.add_argument("--output-slices-tsv", metavar="TSV", help="per-slice motion, intensity scale and weight")
+    r.add_argument("--output-model", metavar="PT", help="save Gaussians and motions for sample-volume")
+    r.add_argument("--output-log", metavar="TSV", help="per-iteration loss and elapsed time")
+    r.add_argument("--config", metavar="YAML", help="reconstruction settings (see config/recon_default.yaml)")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    r.add_argument("--seed", type=int)
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=_reconstruct)
+
+    s = sub.add_parser("sample-volume", help="render a saved model at any resolution")
+    s.add_argument("--input-model", required=True, metavar="PT")
+    s.add_argument("--output-volume", required=True, metavar="NII")
+    s.add_argument("--output-resolution", type=float, default=0.8, metavar="MM")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.set_defaults(func=_sample_volume)
+
+    m = sub.add_parser("simulate", help="simulate motion-corrupted stacks from a ground-truth volume")
+    m.add_argument("--input-volume", required=True, metavar="NII")
+    m.add_argument("--input-mask", required=True, metavar="NII")
+    m.add_argument("--output-dir", required=True)
+    m.add_argument("--n-stacks", type=int, default=3)
+    m.add_argument("--inplane-spacing", type=float, default=0.8, metavar="MM")
+    m.add_argument("--thickness", type=float, default=3.0, metavar="MM")
+    m.add_argument("--slice-spacing", type=float, metavar="MM", help="default: thickness")
+    m.add_argument("--obliquity", type=float, default=0.0, metavar="DEG")
+    m.add_argument("--stack-rotation", type=float, default=0.0, metavar="DEG")
+    m.add_argument("--motion-rotation", type=float, default=6.0, metavar="DEG")
+    m.add_argument("--motion-translation", type=float, default=4.0, metavar="MM")
+    m.add_argument("--noise", type=float, default=0.02, help="Rician sigma / 99th percentile")
+    m.add_argument("--corrupted-fraction", type=float, default=0.0)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_simulate)
+
+    e = sub.add_parser("evaluate", help="compare a reconstruction with the ground truth")
+    e.add_argument("--input-volume", required=True, metavar="NII", help="reconstruction")
+    e.add_argument("--reference", required=True, metavar="NII", help="ground-truth volume")
+    e.add_argument("--reference-mask", required=True, metavar="NII")
+    e.add_argument("--output-json", metavar="JSON")
+    e.add_argument("--no-registration", action="store_true")
+    e.set_defaults(func=_evaluate)
+    return p
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from gsvr.io import load_stacks, save_volume
+    from gsvr.io.nifti import atomic_output
+    from gsvr.recon.config import ReconConfig
+    from gsvr.recon.engine import reconstruct
+    from gsvr.recon.volume import save_model
+
+    cfg = ReconConfig.from_yaml(args.config) if args.config else ReconConfig()
+    overrides = {k: v for k, v in (("output_resolution_mm", args.output_resolution), ("device", args.device), ("seed", args.seed)) if v is not None}
+    cfg = cfg.replace(**overrides)
+    outputs = [args.output_volume, args.output_slices_tsv, args.output_model, args.output_log]
+    for out in filter(None, outputs):
+        _check_writable(out)
+    stacks = load_stacks(args.input_stacks, args.stack_masks, args.thicknesses)
+    result = reconstruct(stacks, cfg, progress=not args.no_progress)
+    save_volume(args.output_volume, result.volume.data, result.volume.affine)
+    if args.output_slices_tsv:
+        with atomic_output(args.output_slices_tsv) as tmp:
+            result.slices.to_csv(tmp, sep="\t", index=False, float_format="%.5g")
+    if args.output_model:
+        save_model(args.output_model, result.model)
+    if args.output_log:
+        with atomic_output(args.output_log) as tmp:
+            result.history.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    logging.getLogger("gsvr").info("wrote %s (%s voxels) in %.1f s", args.output_volume, "x".join(map(str, result.volume.data.shape)), result.elapsed_s)
+    return 0
+
+
+def _check_writable(path: str) -> None:
+    import os
+
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise GsvrError(f"{path}: output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise GsvrError(f"{path}: output folder {parent} is not writable")
+
+
+def _sample_volume(args: argparse.Namespace) -> int:
+    from gsvr.io import save_volume
+    from gsvr.recon.engine import resolve_device
+    from gsvr.recon.volume import load_model, sample_volume
+
+    _check_writable(args.output_volume)
+    model = load_model(args.input_model)
+    vol = sample_volume(model, resolution_mm=args.output_resolution, device=resolve_device(args.device))
+    save_volume(args.output_volume, vol.data, vol.affine)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import nibabel as nib  # noqa: F401  (clear import error early)
+
+    from gsvr.io.nifti import load_image
+    from gsvr.simulate.stacks import SimulationConfig, simulate_stacks, write_simulation
+
+    vol, aff = load_image(args.input_volume, what="volume")
+    mask, _ = load_image(args.input_mask, what="mask")
+    if mask.shape != vol.shape:
+        raise GsvrError(f"{args.input_mask}: mask shape {mask.shape} differs from volume shape {vol.shape}")
+    cfg = SimulationConfig(
+        n_stacks=args.n_stacks, inplane_spacing_mm=args.inplane_spacing, thickness_mm=args.thickness,
+        slice_spacing_mm=args.slice_spacing, obliquity_deg=args.obliquity, stack_rotation_deg=args.stack_rotation,
+        motion_rotation_deg=args.motion_rotation, motion_translation_mm=args.motion_translation,
+        noise_level=args.noise, corrupted_fraction=args.corrupted_fraction, seed=args.seed,
+    )
+    sim = simulate_stacks(vol, mask, aff, cfg)
+    write_simulation(sim, args.output_dir)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from gsvr.evaluate import evaluate_volume
+    from gsvr.io.nifti import atomic_output, load_image
+
+    rec, rec_aff = load_image(args.input_volume, what="reconstruction")
+    gt, gt_aff = load_image(args.reference, what="reference volume")
+    mask, _ = load_image(args.reference_mask, what="reference mask")
+    res = evaluate_volume(rec, rec_aff, gt, gt_aff, mask, register=not args.no_registration)
+    text = json.dumps(res.to_dict(), indent=2)
+    if args.output_json:
+        with atomic_output(args.output_json) as tmp:
+            Path(tmp).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Reading stacks and masks, writing volumes.
+
+A stack is a 3D NIfTI image whose third voxel axis indexes slices. Its voxel-to-world
+affine comes from the sform (qform when the sform code is 0); nibabel already returns
+RAS+ millimetres, so no LPS conversion happens here. Images are written through a
+temporary name and renamed at the end, so a failure never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from gsvr.errors import GsvrError
+
+log = logging.getLogger(__name__)
+
+#: Mask and stack grids closer than this (mm, on any affine entry, in world space) are the same grid.
+GRID_TOLERANCE_MM = 1e-3
+#: NIfTI xform code written for both sform and qform: "scanner-based anatomical coordinates".
+XFORM_SCANNER = 1
+
+
+@dataclass
+class Stack:
+    """One acquired stack of 2D slices.
+
+    Attributes:
+        data: [X, Y, Z] float32 intensities; slices are data[:, :, k].
+        mask: [X, Y, Z] bool brain mask on the same grid.
+        affine: [4, 4] float64 voxel -> world (RAS+ mm).
+        thickness_mm: slice thickness (FWHM of the through-plane PSF).
+        name: where the stack came from (for messages and tables).
+    """
+
+    data: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    thickness_mm: float
+    name: str = "stack"
+
+    @property
+    def spacing_mm(self) -> np.ndarray:
+        """[3] voxel spacing: in-plane x, in-plane y, slice spacing."""
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.data.shape[2])
+
+
+def load_image(path: str | os.PathLike, *, what: str = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D NIfTI image as (float32 data [X, Y, Z], float64 affine [4, 4]).
+
+    Raises:
+        GsvrError: missing, unreadable (not NIfTI, truncated), not 3D, or non-finite voxels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GsvrError(f"{path}: {what} file does not exist")
+    try:
+        img = nib.load(str(path))
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+            raise GsvrError(f"{path}: {what} is not a NIfTI image (got {type(img).__name__})")
+        data = np.asanyarray(img.dataobj)
+    except GsvrError:
+        raise
+    except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise GsvrError(f"{path}: cannot read {what} as NIfTI ({exc.__class__.__name__}: {exc})") from exc
+    shape = data.shape
+    if data.ndim == 4 and shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise GsvrError(f"{path}: {what} must be a 3D image, got shape {tuple(shape)}")
+    data = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(data).all():
+        n_bad = int((~np.isfinite(data)).sum())
+        raise GsvrError(f"{path}: {what} has {n_bad} NaN/Inf voxels")
+    affine = image_affine(img)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise GsvrError(f"{path}: {what} has a singular voxel-to-world affine")
+    return data, affine
+
+
+def image_affine(img: nib.Nifti1Image) -> np.ndarray:
+    """Voxel -> world (RAS+ mm): the sform where its code is set, else the qform."""
+    sform, s_code = img.get_sform(coded=True)
+    if sform is not None and s_code > 0:
+        return np.asarray(sform, dtype=np.float64)
+    qform, q_code = img.get_qform(coded=True)
+    if qform is not None and q_code > 0:
+        return np.asarray(qform, dtype=np.float64)
+    return np.asarray(img.affine, dtype=np.float64)
+
+
+def load_stack(
+    stack_path: str | os.PathLike,
+    mask_path: str | os.PathLike | None = None,
+    thickness_mm: float | None = None,
+) -> Stack:
+    """Load one stack with its mask and slice thickness.
+
+    The mask may sit on a grid that differs from the stack's: up to GRID_TOLERANCE_MM it is
+    taken as is; beyond, it is resampled nearest-neighbour onto the stack grid with a warning.
+
+    Args:
+        stack_path: the stack NIfTI.
+        mask_path: its brain mask (None: the whole stack).
+        thickness_mm: slice thickness; None takes the spacing of the third voxel axis.
+    """
+    data, affine = load_image(stack_path, what="stack")
+    if data.shape[2] < 2:
+        raise GsvrError(f"{stack_path}: stack has {data.shape[2]} slice(s); a stack needs at least 2 slices along its third axis")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if thickness_mm is None:
+        thickness_mm = float(spacing[2])
+    if not np.isfinite(thickness_mm) or thickness_mm <= 0:
+        raise GsvrError(f"{stack_path}: slice thickness must be > 0 mm, got {thickness_mm}")
+    if mask_path is None:
+        mask = np.ones(data.shape, dtype=bool)
+    else:
+        mask_data, mask_affine = load_image(mask_path, what="mask")
+        mask = match_mask_to_stack(mask_data > 0, mask_affine, data.shape, affine, mask_path=mask_path)
+    if not mask.any():
+        raise GsvrError(f"{mask_path}: mask is empty (no voxel > 0 on the stack grid of {stack_path})")
+    return Stack(data=data, mask=mask, affine=affine, thickness_mm=float(thickness_mm), name=Path(stack_path).name)
+
+
+def match_mask_to_stack(
+    mask: np.ndarray, mask_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray, *, mask_path: object
+) -> np.ndarray:
+    """Return the mask on the stack grid (as is, or resampled nearest-neighbour)."""
+    if tuple(mask.shape) == tuple(shape) and np.abs(mask_affine - affine).max() < GRID_TOLERANCE_MM:
+        return mask
+    # Resample: world position of each stack voxel -> mask voxel index (nearest).
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    mask_ijk = np.rint((world - mask_affine[:3, 3]) @ np.linalg.inv(mask_affine[:3, :3]).T).astype(np.int64)
+    inside = np.all((mask_ijk >= 0) & (mask_ijk < np.array(mask.shape)), axis=1)
+    out = np.zeros(len(ijk), dtype=bool)
+    out[inside] = mask[tuple(mask_ijk[inside].T)]
+    out = out.reshape(shape)
+    if mask.any() and not out.any():
+        raise GsvrError(f"{mask_path}: mask grid does not overlap its stack in world space (the mask header does not match the stack)")
+    warnings.warn(
+        f"{mask_path}: mask grid differs from its stack's by more than {GRID_TOLERANCE_MM} mm; "
+        "resampled nearest-neighbour onto the stack grid",
+        stacklevel=2,
+    )
+    return out
+
+
+def load_stacks(
+    stack_paths: Sequence[str | os.PathLike],
+    mask_paths: Sequence[str | os.PathLike] | None = None,
+    thicknesses_mm: Sequence[float] | None = None,
+) -> list[Stack]:
+    """Load several stacks; the lists of masks and thicknesses must match the stacks one to one."""
+    if not stack_paths:
+        raise GsvrError("no input stacks given")
+    n = len(stack_paths)
+    if mask_paths and len(mask_paths) != n:
+        raise GsvrError(f"{n} stacks but {len(mask_paths)} masks: give one mask per stack, in the same order")
+    if thicknesses_mm and len(thicknesses_mm) != n:
+        raise GsvrError(f"{n} stacks but {len(thicknesses_mm)} thicknesses: give one thickness per stack, in the same order")
+    return [
+        load_stack(
+            stack_paths[i],
+            mask_paths[i] if mask_paths else None,
+            thicknesses_mm[i] if thicknesses_mm else None,
+        )
+        for i in range(n)
+    ]
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same extension); rename it onto ``path`` on success only."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise GsvrError(f"{path}: output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise GsvrError(f"{path}: output folder {parent} is not writable")
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write a float32 NIfTI with the world affine in both sform and qform (atomic)."""
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))
+    img.set_sform(affine, code=XFORM_SCANNER)
+    img.set_qform(affine, code=XFORM_SCANNER)
+    img.header.set_xyzt_units("mm", "sec")
+    with atomic_output(path) as tmp:
+        nib.save(img, str(tmp))
+
+
+def save_mask(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) -> None:
+    """Write a uint8 mask NIfTI (atomic)."""
+    img = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
+    img.set_sform(affine, code=XFORM_SCANNER)
+    img.set_qform(affine, code=XFORM_SCANNER)
+    with atomic_output(path) as tmp:
+        nib.save(img, str(tmp))

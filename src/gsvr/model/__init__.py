@@ -1,0 +1,5 @@
+"""The Gaussian field and its initialisation."""
+
+from gsvr.model.field import GaussianField
+
+__all__ = ["GaussianField"]

@@ -1,0 +1,1 @@
+"""Stateless numerical core: PSF covariance, neighbour search, the Gaussian forward model."""

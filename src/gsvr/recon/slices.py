@@ -1,0 +1,154 @@
+"""Stacks -> the in-mask pixels of every slice, in world space, with per-slice geometry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import Tensor, nn
+
+from gsvr.errors import GsvrError
+from gsvr.geometry import axis_angle_to_matrix
+from gsvr.io.nifti import Stack
+from gsvr.ops.psf import psf_covariance_world, psf_sigmas_mm
+
+
+@dataclass
+class SliceData:
+    """All in-mask pixels of all slices. Positions are mm relative to ``origin_mm`` (float32-safe).
+
+    Attributes:
+        x0: [P, 3] header (uncorrected) world positions of pixels.
+        y: [P] normalised intensities.
+        slice_idx: [P] global slice index of each pixel.
+        grad_mag: [P] in-plane gradient magnitude (for content-adaptive initialisation).
+        jitter_mm: [P, 3] half footprint of each pixel along world axes (initialisation).
+        centre: [M, 3] slice centres (mean in-mask pixel position), rotation centre of the motion.
+        axes: [M, 3, 3] slice axes (columns: in-plane x, in-plane y, unit normal).
+        psf_sigma: [M, 3] PSF standard deviations along those axes (mm).
+        stack_of_slice: [M] stack index; slice_in_stack: [M] index along the stack's third axis.
+        origin_mm: [3] float64 world offset added back on output.
+        intensity_scale: the normalising quantile (input units per normalised unit).
+    """
+
+    x0: Tensor
+    y: Tensor
+    slice_idx: Tensor
+    grad_mag: Tensor
+    jitter_mm: Tensor
+    centre: Tensor
+    axes: Tensor
+    psf_sigma: Tensor
+    stack_of_slice: np.ndarray
+    slice_in_stack: np.ndarray
+    origin_mm: np.ndarray
+    intensity_scale: float
+    stack_names: list[str]
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.centre.shape[0])
+
+    @property
+    def n_pixels(self) -> int:
+        return int(self.x0.shape[0])
+
+
+def build_slice_data(stacks: Sequence[Stack], *, quantile: float, device: torch.device) -> SliceData:
+    """Gather the in-mask pixels of every slice of every stack.
+
+    Intensities are divided by the ``quantile`` of all in-mask voxels (robust to outliers).
+    Slices whose mask is empty are dropped.
+    """
+    masked = np.concatenate([s.data[s.mask] for s in stacks])
+    scale = float(np.quantile(masked, quantile))
+    if not np.isfinite(scale) or scale <= 0:
+        names = ", ".join(s.name for s in stacks)
+        raise GsvrError(f"{names}: the {quantile} quantile of in-mask intensities is {scale}; the stacks are empty or non-positive inside their masks")
+    all_world = np.concatenate([_world(s.affine, np.argwhere(s.mask)) for s in stacks])
+    origin = all_world.mean(0)
+
+    x0, y, sid, grad, jit = [], [], [], [], []
+    centre, axes, sigma, stack_of, slice_in = [], [], [], [], []
+    for si, s in enumerate(stacks):
+        lin = s.affine[:3, :3]
+        ex = lin[:, 0] / np.linalg.norm(lin[:, 0])
+        normal = np.cross(lin[:, 0], lin[:, 1])
+        normal /= np.linalg.norm(normal)
+        ey = np.cross(normal, ex)
+        ax = np.stack([ex, ey, normal], axis=1)
+        sp = s.spacing_mm
+        sig = psf_sigmas_mm((sp[0], sp[1]), s.thickness_mm)
+        # Half footprint of a pixel: half spacing in-plane, half slice spacing through-plane.
+        half = np.abs(ax * (0.5 * np.array([sp[0], sp[1], max(sp[2], s.thickness_mm)]))).sum(1)
+        norm_data = s.data / scale
+        gx = ndimage.sobel(norm_data, axis=0) / (8.0 * sp[0])
+        gy = ndimage.sobel(norm_data, axis=1) / (8.0 * sp[1])
+        gmag = np.sqrt(gx * gx + gy * gy)
+        for z in range(s.n_slices):
+            m = s.mask[:, :, z]
+            if not m.any():
+                continue
+            ij = np.argwhere(m)
+            ijk = np.concatenate([ij, np.full((len(ij), 1), z)], 1)
+            w = _world(s.affine, ijk) - origin
+            gi = len(centre)
+            x0.append(w)
+            y.append(norm_data[ij[:, 0], ij[:, 1], z])
+            grad.append(gmag[ij[:, 0], ij[:, 1], z])
+            sid.append(np.full(len(ij), gi))
+            jit.append(np.broadcast_to(half, (len(ij), 3)))
+            centre.append(w.mean(0))
+            axes.append(ax)
+            sigma.append(sig)
+            stack_of.append(si)
+            slice_in.append(z)
+    f32 = dict(dtype=torch.float32, device=device)
+    return SliceData(
+        x0=torch.as_tensor(np.concatenate(x0), **f32),
+        y=torch.as_tensor(np.concatenate(y), **f32),
+        slice_idx=torch.as_tensor(np.concatenate(sid), dtype=torch.int64, device=device),
+        grad_mag=torch.as_tensor(np.concatenate(grad), **f32),
+        jitter_mm=torch.as_tensor(np.concatenate(jit), **f32),
+        centre=torch.as_tensor(np.stack(centre), **f32),
+        axes=torch.as_tensor(np.stack(axes), **f32),
+        psf_sigma=torch.as_tensor(np.array(sigma), **f32),
+        stack_of_slice=np.array(stack_of),
+        slice_in_stack=np.array(slice_in),
+        origin_mm=origin,
+        intensity_scale=scale,
+        stack_names=[s.name for s in stacks],
+    )
+
+
+def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+class SliceMotion(nn.Module):
+    """Per-slice rigid motion about the slice centre and per-slice intensity scale.
+
+    x = R_i (x0 - c_i) + c_i + t_i, with R_i from the axis-angle vector ``rotvec[i]``.
+    """
+
+    def __init__(self, n_slices: int, device: torch.device) -> None:
+        super().__init__()
+        self.rotvec = nn.Parameter(torch.zeros(n_slices, 3, device=device))  # [M, 3] radians
+        self.trans = nn.Parameter(torch.zeros(n_slices, 3, device=device))  # [M, 3] mm
+        self.log_scale = nn.Parameter(torch.zeros(n_slices, device=device))  # [M]
+
+    def rotation(self) -> Tensor:
+        return axis_angle_to_matrix(self.rotvec)  # [M, 3, 3]
+
+    def psf_cov(self, data: SliceData, rotation: Tensor) -> Tensor:
+        """[M, 3, 3] world PSF covariance of each slice, rotated with the slice."""
+        return psf_covariance_world(rotation @ data.axes, data.psf_sigma)
+
+
+def transform_points(x0: Tensor, sid: Tensor, centre: Tensor, rotation: Tensor, trans: Tensor) -> Tensor:
+    """Apply each pixel's slice motion: [P, 3] -> [P, 3]."""
+    c = centre[sid]
+    return (rotation[sid] @ (x0 - c)[:, :, None])[:, :, 0] + c + trans[sid]

@@ -1,0 +1,188 @@
+"""Simulate motion-corrupted thick-slice stacks from a high-resolution volume.
+
+Each pixel is the ground-truth volume (trilinear interpolation of its voxels, not a Gaussian
+mixture: no inverse crime) integrated against the slice PSF by quadrature: Gauss-Hermite in
+plane (sigma_xy = 1.2 r / 2.3548) and a dense Gaussian-weighted rule through the plane
+(sigma_z = t / 2.3548, +-3 sigma). Every slice gets its own rigid motion about the brain
+centre, then Rician noise is added. Masks are the ground-truth mask sampled at the moved
+pixel centres (as if drawn on the acquired stacks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.spatial.transform import Rotation
+
+from gsvr.errors import GsvrError
+from gsvr.ops.psf import psf_sigmas_mm
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Acquisition protocol of a simulation."""
+
+    n_stacks: int = 3  #: stacks; orientations cycle through the three orthogonal ones
+    inplane_spacing_mm: float = 0.8
+    thickness_mm: float = 3.0
+    slice_spacing_mm: float | None = None  #: None = thickness (no gap)
+    obliquity_deg: float = 0.0  #: each stack rotated by U(-a, a) per axis from orthogonal
+    stack_rotation_deg: float = 0.0  #: extra rotation of each whole stack (inter-stack head rotation)
+    motion_rotation_deg: float = 6.0  #: per-slice rotation U(-a, a) per axis
+    motion_translation_mm: float = 4.0  #: per-slice translation U(-d, d) per axis
+    noise_level: float = 0.02  #: Rician noise sigma as a fraction of the 99th in-mask percentile
+    corrupted_fraction: float = 0.0  #: fraction of slices corrupted (signal void or x0.3)
+    fov_margin_mm: float = 8.0  #: field of view beyond the brain's bounding sphere
+    through_plane_samples: int = 25
+    seed: int = 0
+
+
+@dataclass
+class SimulatedStack:
+    data: np.ndarray  # [X, Y, Z] float32
+    mask: np.ndarray  # [X, Y, Z] uint8
+    affine: np.ndarray  # [4, 4]
+    thickness_mm: float
+
+
+@dataclass
+class Simulation:
+    stacks: list[SimulatedStack]
+    motions: pd.DataFrame  # one row per slice: stack, slice, rotation (deg, xyz Euler), translation, corrupted
+    centre_mm: np.ndarray
+
+
+def _orientation(k: int) -> np.ndarray:
+    """Orthogonal stack k: columns (in-plane x, in-plane y, normal) in world axes."""
+    base = [np.eye(3), np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]], float).T, np.array([[0, 0, 1], [0, 1, 0], [-1, 0, 0]], float).T]
+    return base[k % 3]
+
+
+def simulate_stacks(volume: np.ndarray, mask: np.ndarray, affine: np.ndarray, cfg: SimulationConfig) -> Simulation:
+    """Simulate ``cfg.n_stacks`` stacks.
+
+    Args:
+        volume: [X, Y, Z] ground truth.
+        mask: [X, Y, Z] brain mask (> 0 inside).
+        affine: [4, 4] voxel -> world of both.
+    """
+    if cfg.n_stacks < 1:
+        raise GsvrError("simulate: n_stacks must be >= 1")
+    if not (mask > 0).any():
+        raise GsvrError("simulate: ground-truth mask is empty")
+    rng = np.random.default_rng(cfg.seed)
+    spacing_z = cfg.slice_spacing_mm or cfg.thickness_mm
+    world_mask = np.argwhere(mask > 0) @ affine[:3, :3].T + affine[:3, 3]
+    centre = world_mask.mean(0)
+    radius = np.linalg.norm(world_mask - centre, axis=1).max() + cfg.fov_margin_mm
+    vol_t = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    mask_t = torch.from_numpy(np.ascontiguousarray(mask > 0, dtype=np.float32))[None, None]
+    inv_aff = np.linalg.inv(affine)
+    noise_sigma = cfg.noise_level * float(np.percentile(volume[mask > 0], 99))
+    sig = psf_sigmas_mm((cfg.inplane_spacing_mm, cfg.inplane_spacing_mm), cfg.thickness_mm)
+    gh_x, gh_w = np.polynomial.hermite_e.hermegauss(3)  # in-plane, for weight exp(-x^2/2)
+    gh_w = gh_w / gh_w.sum()
+    z_off = np.linspace(-3.0, 3.0, cfg.through_plane_samples)
+    z_w = np.exp(-0.5 * z_off**2)
+    z_w /= z_w.sum()
+    offsets, weights = [], []
+    for a, wa in zip(gh_x, gh_w):
+        for b, wb in zip(gh_x, gh_w):
+            for c, wc in zip(z_off, z_w):
+                offsets.append((a * sig[0], b * sig[1], c * sig[2]))
+                weights.append(wa * wb * wc)
+    offsets = torch.tensor(offsets, dtype=torch.float64)  # [S, 3] slice frame, mm
+    weights = torch.tensor(weights, dtype=torch.float32)  # [S]
+
+    n_xy = int(np.ceil(2 * radius / cfg.inplane_spacing_mm))
+    n_z = int(np.ceil(2 * radius / spacing_z))
+    stacks, rows = [], []
+    for k in range(cfg.n_stacks):
+        rot = _orientation(k)
+        tilt = Rotation.from_euler("xyz", rng.uniform(-1, 1, 3) * cfg.obliquity_deg + rng.uniform(-1, 1, 3) * cfg.stack_rotation_deg, degrees=True).as_matrix()
+        rot = tilt @ rot
+        lin = rot * np.array([cfg.inplane_spacing_mm, cfg.inplane_spacing_mm, spacing_z])
+        grid_centre = np.array([(n_xy - 1) / 2, (n_xy - 1) / 2, (n_z - 1) / 2])
+        stack_aff = np.eye(4)
+        stack_aff[:3, :3] = lin
+        stack_aff[:3, 3] = centre - lin @ grid_centre
+        data = np.zeros((n_xy, n_xy, n_z), np.float32)
+        smask = np.zeros((n_xy, n_xy, n_z), np.uint8)
+        ij = np.stack(np.meshgrid(np.arange(n_xy), np.arange(n_xy), indexing="ij"), -1).reshape(-1, 2)
+        n_corrupt = int(round(cfg.corrupted_fraction * n_z))
+        corrupt = set(rng.choice(n_z, n_corrupt, replace=False).tolist()) if n_corrupt else set()
+        for z in range(n_z):
+            euler = rng.uniform(-1, 1, 3) * cfg.motion_rotation_deg
+            shift = rng.uniform(-1, 1, 3) * cfg.motion_translation_mm
+            r_m = Rotation.from_euler("xyz", euler, degrees=True).as_matrix()
+            ijk = np.concatenate([ij, np.full((len(ij), 1), z)], 1)
+            nominal = ijk @ lin.T + stack_aff[:3, 3]
+            moved = (nominal - centre) @ r_m.T + centre + shift  # [P, 3]
+            axes = r_m @ rot  # slice axes after motion
+            pts = torch.from_numpy(moved)[:, None, :] + (offsets @ torch.from_numpy(axes).T)[None]  # [P, S, 3]
+            img = _sample(vol_t, pts, inv_aff) @ weights
+            m = _sample(mask_t, torch.from_numpy(moved)[:, None, :], inv_aff)[:, 0] > 0.5
+            if noise_sigma > 0:
+                img = torch.sqrt((img + torch.from_numpy(rng.normal(0, noise_sigma, len(img))).float()) ** 2
+                                 + torch.from_numpy(rng.normal(0, noise_sigma, len(img))).float() ** 2)
+            img = img.numpy().reshape(n_xy, n_xy)
+            kind = ""
+            if z in corrupt:
+                kind = ("void", "dark")[int(rng.integers(2))]
+                img = _corrupt(img, kind, rng)
+            data[:, :, z] = img
+            smask[:, :, z] = m.numpy().reshape(n_xy, n_xy)
+            rows.append({"stack": k, "slice": z, "rx_deg": euler[0], "ry_deg": euler[1], "rz_deg": euler[2],
+                         "tx_mm": shift[0], "ty_mm": shift[1], "tz_mm": shift[2], "corrupted": kind})
+        stacks.append(SimulatedStack(data=data, mask=smask, affine=stack_aff, thickness_mm=cfg.thickness_mm))
+    return Simulation(stacks=stacks, motions=pd.DataFrame(rows), centre_mm=centre)
+
+
+def _sample(vol: torch.Tensor, pts_world: torch.Tensor, inv_aff: np.ndarray, chunk: int = 1 << 20) -> torch.Tensor:
+    """Trilinear samples of vol [1, 1, X, Y, Z] at world points [P, S, 3] -> [P, S] (0 outside)."""
+    p, s, _ = pts_world.shape
+    flat = pts_world.reshape(-1, 3)
+    ijk = flat @ torch.from_numpy(inv_aff[:3, :3]).T + torch.from_numpy(inv_aff[:3, 3])
+    size = torch.tensor(vol.shape[2:], dtype=torch.float64)
+    # grid_sample wants (x, y, z) = (last, middle, first) axis, normalised to [-1, 1].
+    norm = (2.0 * ijk / (size - 1) - 1.0).flip(-1).float()
+    out = torch.empty(len(norm))
+    for start in range(0, len(norm), chunk):
+        g = norm[start : start + chunk].reshape(1, 1, 1, -1, 3)
+        out[start : start + chunk] = F.grid_sample(vol, g, mode="bilinear", padding_mode="zeros", align_corners=True).reshape(-1)
+    return out.reshape(p, s)
+
+
+def _corrupt(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    if kind == "dark":
+        return img * 0.3
+    out = img.copy()  # signal void: a band over a third to a half of the slice
+    n = img.shape[0]
+    width = int(rng.integers(n // 3, n // 2))
+    start = int(rng.integers(0, n - width))
+    out[start : start + width] *= 0.05
+    return out
+
+
+def write_simulation(sim: Simulation, out_dir, *, prefix: str = "stack") -> list[str]:
+    """Write stacks, masks and motions.tsv into out_dir; returns the stack paths."""
+    from pathlib import Path
+
+    from gsvr.io.nifti import atomic_output, save_mask, save_volume
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, st in enumerate(sim.stacks):
+        p = out_dir / f"{prefix}{k}.nii.gz"
+        save_volume(p, st.data, st.affine)
+        save_mask(out_dir / f"{prefix}{k}_mask.nii.gz", st.mask, st.affine)
+        paths.append(str(p))
+    with atomic_output(out_dir / "motions.tsv") as tmp:
+        sim.motions.to_csv(tmp, sep="\t", index=False)
+    return paths

@@ -1,0 +1,133 @@
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from gsvr.errors import GsvrError
+from gsvr.io import load_stack, load_stacks, save_volume
+from gsvr.io.nifti import load_image
+
+
+def _oblique_affine():
+    from scipy.spatial.transform import Rotation
+
+    rot = Rotation.from_euler("xyz", [20, -35, 50], degrees=True).as_matrix()
+    aff = np.eye(4)
+    aff[:3, :3] = rot * np.array([0.8, 0.8, 3.3])
+    aff[:3, 3] = [-40.5, 12.25, 7.0]
+    return aff
+
+
+def test_save_volume_keeps_the_affine_in_sform_and_qform(tmp_path):
+    aff = _oblique_affine()
+    path = tmp_path / "v.nii.gz"
+    save_volume(path, np.random.rand(5, 6, 7).astype(np.float32), aff)
+    img = nib.load(path)
+    sform, scode = img.get_sform(coded=True)
+    qform, qcode = img.get_qform(coded=True)
+    assert scode == 1 and qcode == 1
+    assert np.allclose(sform, aff, atol=1e-5)
+    assert np.allclose(qform, aff, atol=1e-5)
+    assert img.get_data_dtype() == np.float32
+    data, read_aff = load_image(path)
+    assert np.allclose(read_aff, aff, atol=1e-5)
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+
+
+def test_qform_is_used_when_sform_is_unset(tmp_path):
+    aff = _oblique_affine()
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), None)
+    img.set_qform(aff, code=1)
+    img.set_sform(np.eye(4), code=0)
+    nib.save(img, tmp_path / "q.nii.gz")
+    _, read = load_image(tmp_path / "q.nii.gz")
+    assert np.allclose(read, aff, atol=1e-5)
+
+
+def _write(path, data, aff):
+    nib.save(nib.Nifti1Image(np.asarray(data), aff), path)
+
+
+def test_thickness_defaults_to_third_axis_spacing(tmp_path):
+    aff = _oblique_affine()
+    _write(tmp_path / "s.nii.gz", np.ones((8, 8, 4), np.float32), aff)
+    st = load_stack(tmp_path / "s.nii.gz")
+    assert st.thickness_mm == pytest.approx(3.3)
+    assert load_stack(tmp_path / "s.nii.gz", thickness_mm=3.0).thickness_mm == 3.0
+
+
+def test_mask_within_tolerance_is_taken_as_is_and_larger_offset_is_resampled(tmp_path):
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    _write(tmp_path / "s.nii.gz", np.ones((10, 10, 5), np.float32), aff)
+    mask = np.zeros((10, 10, 5), np.uint8)
+    mask[2:6, 2:6, 1:3] = 1
+    near = aff.copy()
+    near[0, 3] += 5e-4
+    _write(tmp_path / "m_near.nii.gz", mask, near)
+    st = load_stack(tmp_path / "s.nii.gz", tmp_path / "m_near.nii.gz")
+    assert np.array_equal(st.mask, mask > 0)
+    shifted = aff.copy()
+    shifted[0, 3] += 1.0  # one voxel: the mask content moves by one voxel on the stack grid
+    _write(tmp_path / "m_far.nii.gz", mask, shifted)
+    with pytest.warns(UserWarning, match="resampled nearest-neighbour"):
+        st = load_stack(tmp_path / "s.nii.gz", tmp_path / "m_far.nii.gz")
+    assert np.array_equal(st.mask, np.roll(mask, 1, axis=0) > 0)
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("not_nifti", "cannot read stack as NIfTI"),
+        ("truncated", "cannot read stack as NIfTI"),
+        ("two_d", "must be a 3D image"),
+        ("four_d", "must be a 3D image"),
+        ("nan", "NaN/Inf"),
+        ("single_slice", "at least 2 slices"),
+        ("missing", "does not exist"),
+    ],
+)
+def test_bad_stacks_raise_errors_naming_the_file(tmp_path, case, match):
+    path = tmp_path / f"{case}.nii.gz"
+    aff = np.eye(4)
+    if case == "not_nifti":
+        path.write_text("hello")
+    elif case == "truncated":
+        _write(path, np.random.rand(20, 20, 10).astype(np.float32), aff)
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    elif case == "two_d":
+        _write(path, np.ones((5, 5), np.float32), aff)
+    elif case == "four_d":
+        _write(path, np.ones((5, 5, 5, 2), np.float32), aff)
+    elif case == "nan":
+        d = np.ones((5, 5, 5), np.float32)
+        d[1, 1, 1] = np.nan
+        _write(path, d, aff)
+    elif case == "single_slice":
+        _write(path, np.ones((5, 5, 1), np.float32), aff)
+    with pytest.raises(GsvrError, match=match) as err:
+        load_stack(path)
+    assert str(path) in str(err.value)
+
+
+def test_empty_mask_and_bad_thickness_and_count_mismatch(tmp_path):
+    _write(tmp_path / "s.nii.gz", np.ones((5, 5, 5), np.float32), np.eye(4))
+    _write(tmp_path / "m.nii.gz", np.zeros((5, 5, 5), np.uint8), np.eye(4))
+    with pytest.raises(GsvrError, match="mask is empty"):
+        load_stack(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")
+    with pytest.raises(GsvrError, match="thickness must be > 0"):
+        load_stack(tmp_path / "s.nii.gz", thickness_mm=0.0)
+    with pytest.raises(GsvrError, match="2 stacks but 1 masks"):
+        load_stacks([tmp_path / "s.nii.gz"] * 2, [tmp_path / "m.nii.gz"])
+    with pytest.raises(GsvrError, match="1 stacks but 2 thicknesses"):
+        load_stacks([tmp_path / "s.nii.gz"], None, [3.0, 3.0])
+
+
+def test_mask_that_cannot_be_matched_is_an_error(tmp_path):
+    _write(tmp_path / "s.nii.gz", np.ones((5, 5, 5), np.float32), np.eye(4))
+    far = np.eye(4)
+    far[:3, 3] = 500.0
+    _write(tmp_path / "m.nii.gz", np.ones((5, 5, 5), np.uint8), far)
+    with pytest.raises(GsvrError, match="does not overlap"):
+        load_stack(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")

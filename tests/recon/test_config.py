@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gsvr.errors import GsvrError
+from gsvr.recon.config import ReconConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_unknown_keys_are_rejected():
+    with pytest.raises(GsvrError, match="unknown reconstruction setting"):
+        ReconConfig.from_dict({"n_gausians": 10})
+
+
+def test_wrong_types_and_ranges_are_rejected():
+    with pytest.raises(GsvrError, match="n_gaussians must be int"):
+        ReconConfig.from_dict({"n_gaussians": "many"})
+    with pytest.raises(GsvrError, match="render_mode"):
+        ReconConfig.from_dict({"render_mode": "fast"})
+    with pytest.raises(GsvrError, match="batch_fraction"):
+        ReconConfig.from_dict({"batch_fraction": 0.0})
+
+
+def test_int_is_accepted_for_float_settings():
+    assert ReconConfig.from_dict({"lr_means": 1}).lr_means == 1.0
+
+
+def test_every_shipped_reconstruction_config_loads():
+    paths = sorted((ROOT / "config").glob("recon*.yaml"))
+    assert paths, "no reconstruction configs shipped"
+    for path in paths:
+        ReconConfig.from_yaml(path)
+    workflow = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    for name, method in workflow["methods"].items():
+        ReconConfig.from_dict(method, source=f"config.yaml methods.{name}")
