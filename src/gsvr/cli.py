@@ -86,41 +86,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from gsvr.io import load_stacks, save_volume
-    from gsvr.io.nifti import atomic_output
     from gsvr.recon.config import ReconConfig
-    from gsvr.recon.engine import reconstruct
-    from gsvr.recon.volume import save_model
+    from gsvr.recon.files import reconstruct_files
 
     cfg = ReconConfig.from_yaml(args.config) if args.config else ReconConfig()
     overrides = {k: v for k, v in (("output_resolution_mm", args.output_resolution), ("device", args.device), ("seed", args.seed)) if v is not None}
-    cfg = cfg.replace(**overrides)
-    outputs = [args.output_volume, args.output_slices_tsv, args.output_model, args.output_log]
-    for out in filter(None, outputs):
-        _check_writable(out)
-    stacks = load_stacks(args.input_stacks, args.stack_masks, args.thicknesses)
-    result = reconstruct(stacks, cfg, progress=not args.no_progress)
-    save_volume(args.output_volume, result.volume.data, result.volume.affine)
-    if args.output_slices_tsv:
-        with atomic_output(args.output_slices_tsv) as tmp:
-            result.slices.to_csv(tmp, sep="\t", index=False, float_format="%.5g")
-    if args.output_model:
-        save_model(args.output_model, result.model)
-    if args.output_log:
-        with atomic_output(args.output_log) as tmp:
-            result.history.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    logging.getLogger("gsvr").info("wrote %s (%s voxels) in %.1f s", args.output_volume, "x".join(map(str, result.volume.data.shape)), result.elapsed_s)
+    reconstruct_files(
+        args.input_stacks, args.stack_masks, args.thicknesses, cfg.replace(**overrides),
+        output_volume=args.output_volume, output_slices_tsv=args.output_slices_tsv, output_model=args.output_model,
+        output_log=args.output_log, progress=not args.no_progress,
+    )
     return 0
-
-
-def _check_writable(path: str) -> None:
-    import os
-
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise GsvrError(f"{path}: output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise GsvrError(f"{path}: output folder {parent} is not writable")
 
 
 def _sample_volume(args: argparse.Namespace) -> int:
@@ -128,7 +104,9 @@ def _sample_volume(args: argparse.Namespace) -> int:
     from gsvr.recon.engine import resolve_device
     from gsvr.recon.volume import load_model, sample_volume
 
-    _check_writable(args.output_volume)
+    from gsvr.recon.files import check_writable
+
+    check_writable(args.output_volume)
     model = load_model(args.input_model)
     vol = sample_volume(model, resolution_mm=args.output_resolution, device=resolve_device(args.device))
     save_volume(args.output_volume, vol.data, vol.affine)

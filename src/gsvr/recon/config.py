@@ -42,6 +42,12 @@ class ReconConfig:
     cosine_final: float = 0.1
     motion: bool = True  #: optimise slice motion (False: header geometry, the no-motion baseline)
     motion_warmup: int = 0  #: steps before slice motion is released
+    # Registration cycles before the joint optimisation (coarse field, alternating blocks).
+    register_cycles: int = 0  #: cycles of (fit coarse field, motion frozen) then (fit motion, field frozen); 0 = off
+    cycle_steps: int = 40  #: steps of each block of a cycle
+    cycle_batch_fraction: float = 0.25  #: pixel fraction per step in the cycles
+    coarse_gaussians: int = 4_000  #: Gaussians of the coarse field
+    coarse_scale_mm: float = 2.5  #: initial and target scale of the coarse field
     # Regularisation.
     scale_reg_weight: float = 2.5e-3  #: lambda_reg of GSVR Eq. 7
     scale_target_mm: float = 1.6  #: s_target of GSVR Eq. 7
@@ -70,7 +76,9 @@ class ReconConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise GsvrError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("n_gaussians", "k_neighbors", "iterations", "chunk_pixels", "knn_every", "weight_every", "step_size"):
+        if self.register_cycles < 0:
+            raise GsvrError(f"config: register_cycles must be >= 0, got {self.register_cycles}")
+        for name in ("n_gaussians", "coarse_gaussians", "cycle_steps", "k_neighbors", "iterations", "chunk_pixels", "knn_every", "weight_every", "step_size"):
             if getattr(self, name) < 1:
                 raise GsvrError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.batch_fraction <= 1:

@@ -73,68 +73,53 @@ class _Neighbours:
 
 
 def reconstruct(stacks: Sequence[Stack], config: ReconConfig | None = None, *, progress: bool = True) -> Result:
-    """Reconstruct a volume from motion-corrupted stacks.
+    """Reconstruct a volume from motion-corrupted stacks (bit-reproducible for a seed on CPU).
 
     Args:
         stacks: loaded stacks with masks and thicknesses (see :func:`gsvr.io.load_stacks`).
         config: settings; defaults when None.
         progress: show a tqdm progress bar.
     """
-    cfg = config or ReconConfig()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # CPU scatter-adds otherwise vary in order
+    try:
+        return _reconstruct(stacks, config or ReconConfig(), progress)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Result:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = build_slice_data(stacks, quantile=cfg.normalize_quantile, device=device)
     n_gauss = min(cfg.n_gaussians, data.n_pixels)
-    k = min(cfg.k_neighbors, n_gauss)
+    k = cfg.k_neighbors
     log.info("%d stacks, %d slices, %d in-mask pixels, %d Gaussians, K=%d, device %s",
              len(stacks), data.n_slices, data.n_pixels, n_gauss, k, device)
 
-    field_ = content_adaptive_init(
-        data.x0, data.y, data.grad_mag if cfg.init_adaptive else torch.ones_like(data.grad_mag), data.jitter_mm,
-        n=n_gauss, lambda_init=cfg.lambda_init if cfg.init_adaptive else 1.0, mode=cfg.render_mode, k=k,
-        scale_bounds_mm=(cfg.init_scale_min_mm, cfg.init_scale_max_mm), generator=gen, knn_backend=cfg.knn_backend,
-    )
     motion = SliceMotion(data.n_slices, device)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [field_.means], "lr": cfg.lr_means},
-            {"params": [field_.log_scales], "lr": cfg.lr_scales},
-            {"params": [field_.quats], "lr": cfg.lr_quats},
-            {"params": [field_.values], "lr": cfg.lr_values},
-            {"params": [motion.rotvec], "lr": cfg.lr_rotation},
-            {"params": [motion.trans], "lr": cfg.lr_translation},
-            {"params": [motion.log_scale], "lr": cfg.lr_slice_scale},
-        ],
-        weight_decay=cfg.weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     weights = torch.ones(data.n_slices, device=device)
-    nbrs = _Neighbours()
     history: list[tuple[int, float, float]] = []
-    slice_abs_res = torch.zeros(data.n_slices, device=device)
-    slice_count = torch.bincount(data.slice_idx, minlength=data.n_slices).float()
+    bar = tqdm(total=_total_steps(cfg), desc="gsvr", unit="it", disable=not progress, dynamic_ncols=True)
 
-    bar = tqdm(range(cfg.iterations), desc="gsvr", unit="it", disable=not progress, dynamic_ncols=True)
-    for it in bar:
-        if it % cfg.knn_every == 0:
-            with torch.no_grad():
-                x_now = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
-            nbrs.refresh(x_now, data.slice_idx, field_.means, k, cfg.knn_backend)
-        if cfg.slice_weights and it > 0 and it % cfg.weight_every == 0:
-            weights = _robust_slice_weights(slice_abs_res / slice_count.clamp_min(1), cfg)
-        motion_on = cfg.motion and it >= cfg.motion_warmup
-        optimizer.zero_grad(set_to_none=True)
-        loss_value, slice_abs_res = _step(field_, motion, data, nbrs, weights, cfg, gen, motion_on)
-        loss_value += _regularise(field_, motion, cfg)
-        if not motion_on:
-            motion.rotvec.grad = None
-            motion.trans.grad = None
-        optimizer.step()
-        scheduler.step()
-        history.append((it + 1, time.perf_counter() - t_start, loss_value))
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+    if cfg.motion and cfg.register_cycles > 0:
+        # Coarse, smooth field: its few large Gaussians cannot fit each slice on its own, so the
+        # motion blocks pull slices toward the consensus of all stacks (classical SVR cycles).
+        coarse_cfg = cfg.replace(render_mode="normalized", scale_target_mm=cfg.coarse_scale_mm, batch_fraction=cfg.cycle_batch_fraction)
+        coarse = _init_field(data, coarse_cfg, gen, n=min(cfg.coarse_gaussians, data.n_pixels), adaptive=False,
+                             scale_bounds=(cfg.coarse_scale_mm, 2.0 * cfg.coarse_scale_mm), motion=motion, k=k)
+        for _ in range(cfg.register_cycles):
+            weights = _run_phase(coarse, motion, data, coarse_cfg, gen, weights, history, bar, k=k,
+                                 steps=cfg.cycle_steps, train_field=True, train_motion=False, t_start=t_start)
+            weights = _run_phase(coarse, motion, data, coarse_cfg, gen, weights, history, bar, k=k,
+                                 steps=cfg.cycle_steps, train_field=False, train_motion=True, t_start=t_start)
+
+    field_ = _init_field(data, cfg, gen, n=n_gauss, adaptive=cfg.init_adaptive,
+                         scale_bounds=(cfg.init_scale_min_mm, cfg.init_scale_max_mm), motion=motion, k=k)
+    weights = _run_phase(field_, motion, data, cfg, gen, weights, history, bar, k=k, steps=cfg.iterations,
+                         train_field=True, train_motion=cfg.motion, t_start=t_start, warmup=cfg.motion_warmup)
     bar.close()
 
     with torch.no_grad():
@@ -157,10 +142,63 @@ def reconstruct(stacks: Sequence[Stack], config: ReconConfig | None = None, *, p
                   model=model, config=cfg, elapsed_s=elapsed)
 
 
-def _schedule(cfg: ReconConfig):
+def _total_steps(cfg: ReconConfig) -> int:
+    cycles = 2 * cfg.register_cycles * cfg.cycle_steps if cfg.motion else 0
+    return cycles + cfg.iterations
+
+
+def _init_field(data: SliceData, cfg: ReconConfig, gen: torch.Generator, *, n: int, adaptive: bool,
+                scale_bounds: tuple[float, float], motion: SliceMotion, k: int) -> GaussianField:
+    """Content-adaptive (or uniform) initialisation at the current motion-corrected pixel positions."""
+    with torch.no_grad():
+        x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
+    return content_adaptive_init(
+        x, data.y, data.grad_mag if adaptive else torch.ones_like(data.grad_mag), data.jitter_mm,
+        n=n, lambda_init=cfg.lambda_init if adaptive else 1.0, mode=cfg.render_mode, k=min(k, n),
+        scale_bounds_mm=scale_bounds, generator=gen, knn_backend=cfg.knn_backend,
+    )
+
+
+def _run_phase(field_: GaussianField, motion: SliceMotion, data: SliceData, cfg: ReconConfig, gen: torch.Generator,
+               weights: Tensor, history: list, bar, *, k: int, steps: int, train_field: bool, train_motion: bool,
+               t_start: float, warmup: int = 0) -> Tensor:
+    """Optimise the chosen parameter groups for ``steps`` steps; returns the slice weights."""
+    groups = []
+    if train_field:
+        groups += [{"params": [field_.means], "lr": cfg.lr_means}, {"params": [field_.log_scales], "lr": cfg.lr_scales},
+                   {"params": [field_.quats], "lr": cfg.lr_quats}, {"params": [field_.values], "lr": cfg.lr_values},
+                   {"params": [motion.log_scale], "lr": cfg.lr_slice_scale}]
+    if train_motion:
+        groups += [{"params": [motion.rotvec], "lr": cfg.lr_rotation}, {"params": [motion.trans], "lr": cfg.lr_translation}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     if cfg.schedule == "step":
-        return lambda it: cfg.step_gamma ** (it // cfg.step_size)
-    return lambda it: cfg.cosine_final + (1 - cfg.cosine_final) * 0.5 * (1 + math.cos(math.pi * min(it / cfg.iterations, 1.0)))
+        sched = lambda it: cfg.step_gamma ** (it // cfg.step_size)
+    else:
+        sched = lambda it: cfg.cosine_final + (1 - cfg.cosine_final) * 0.5 * (1 + math.cos(math.pi * min(it / steps, 1.0)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched)
+    nbrs = _Neighbours()
+    k = min(k, field_.n)
+    slice_count = torch.bincount(data.slice_idx, minlength=data.n_slices).float()
+    slice_abs_res = torch.zeros(data.n_slices, device=data.x0.device)
+    for it in range(steps):
+        if it % cfg.knn_every == 0:
+            with torch.no_grad():
+                x_now = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
+            nbrs.refresh(x_now, data.slice_idx, field_.means, k, cfg.knn_backend)
+        if cfg.slice_weights and it > 0 and it % cfg.weight_every == 0:
+            weights = _robust_slice_weights(slice_abs_res / slice_count.clamp_min(1), cfg)
+        motion_on = train_motion and it >= warmup
+        optimizer.zero_grad(set_to_none=True)
+        field_.zero_grad(set_to_none=True)
+        motion.zero_grad(set_to_none=True)
+        loss_value, slice_abs_res = _step(field_, motion, data, nbrs, weights, cfg, gen, motion_on)
+        loss_value += _regularise(field_, motion, cfg)
+        optimizer.step()
+        scheduler.step()
+        history.append((len(history) + 1, time.perf_counter() - t_start, loss_value))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+    return weights
 
 
 def _step(field_: GaussianField, motion: SliceMotion, data: SliceData, nbrs: _Neighbours, weights: Tensor,
@@ -219,7 +257,7 @@ def _regularise(field_: GaussianField, motion: SliceMotion, cfg: ReconConfig) ->
     )
     total = reg + gauge
     total.backward()
-    return float(total)
+    return total.item()
 
 
 def _robust_slice_weights(mean_abs_res: Tensor, cfg: ReconConfig) -> Tensor:

@@ -1,0 +1,54 @@
+"""File-level entry points shared by the CLI and the workflow scripts."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+from gsvr.errors import GsvrError
+from gsvr.io import load_stacks, save_volume
+from gsvr.io.nifti import atomic_output
+from gsvr.recon.config import ReconConfig
+from gsvr.recon.engine import Result, reconstruct
+from gsvr.recon.volume import save_model
+
+log = logging.getLogger("gsvr")
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise GsvrError(f"{path}: output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise GsvrError(f"{path}: output folder {parent} is not writable")
+
+
+def reconstruct_files(
+    stacks: Sequence[str],
+    masks: Sequence[str] | None,
+    thicknesses: Sequence[float] | None,
+    config: ReconConfig,
+    *,
+    output_volume: str,
+    output_slices_tsv: str | None = None,
+    output_model: str | None = None,
+    output_log: str | None = None,
+    progress: bool = True,
+) -> Result:
+    """Load stacks, reconstruct, write every requested output (each atomically)."""
+    for out in filter(None, (output_volume, output_slices_tsv, output_model, output_log)):
+        check_writable(out)
+    result = reconstruct(load_stacks(stacks, masks, thicknesses), config, progress=progress)
+    save_volume(output_volume, result.volume.data, result.volume.affine)
+    if output_slices_tsv:
+        with atomic_output(output_slices_tsv) as tmp:
+            result.slices.to_csv(tmp, sep="\t", index=False, float_format="%.5g")
+    if output_model:
+        save_model(output_model, result.model)
+    if output_log:
+        with atomic_output(output_log) as tmp:
+            result.history.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    log.info("wrote %s (%s voxels) in %.1f s", output_volume, "x".join(map(str, result.volume.data.shape)), result.elapsed_s)
+    return result
