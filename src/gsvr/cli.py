@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import warnings
 from pathlib import Path

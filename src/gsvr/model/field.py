@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -115,7 +113,3 @@ def content_adaptive_init(
             field.values.div_(overlap.clamp_min(1.0))
     return field
 
-
-def volume_of_gaussian(log_scales: Tensor) -> Tensor:
-    """Integral of an unnormalised unit-height Gaussian: (2 pi)^(3/2) prod(s). [N, 3] -> [N]."""
-    return (2.0 * math.pi) ** 1.5 * torch.exp(log_scales.sum(-1))
