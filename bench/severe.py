@@ -2,10 +2,11 @@
 
 For each subject: simulate 3 orthogonal stacks 0.8x0.8x3 mm, obliquity up to 8 deg, per-slice
 motion U(+-6 deg)/U(+-4 mm), 2 % Rician noise (and the same without motion); reconstruct at
-0.8 mm with each render mode in a fresh process; evaluate with the project's protocol.
+0.8 mm with each method (the Gaussian engine in each render mode; the classical voxel SVR) in a
+fresh process; evaluate with the project's protocol.
 Prints one row per run: PSNR, SSIM, NCC, NRMSE, wall time, peak RSS, and the machine.
 
-    python bench/severe.py [--subjects GA21 GA22 ...] [--modes exact normalized] [--config recon.yaml]
+    python bench/severe.py [--subjects GA21 GA22 ...] [--modes exact normalized svr_classic] [--config recon.yaml]
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ def child(args) -> None:
     from gsvr.recon.files import reconstruct_files
 
     cfg = ReconConfig.from_yaml(args.config) if args.config else ReconConfig()
-    cfg = cfg.replace(render_mode=args.mode)
+    method = "svr_classic" if args.mode == "svr_classic" else "gsvr"
+    if method == "gsvr":
+        cfg = cfg.replace(render_mode=args.mode)
     stacks = sorted(str(p) for p in Path(args.sim).glob("stack?.nii.gz"))
     masks = [s.replace(".nii.gz", "_mask.nii.gz") for s in stacks]
     t = time.perf_counter()
-    reconstruct_files(stacks, masks, None, cfg, output_volume=args.out, progress=False)
+    reconstruct_files(stacks, masks, None, cfg, output_volume=args.out, progress=False, method=method)
     wall = time.perf_counter() - t
     rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     print(json.dumps({"wall_s": wall, "peak_rss_gb": rss_gb}))
@@ -45,7 +48,8 @@ def child(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", nargs="+", default=[f"GA{g}" for g in range(21, 26)])
-    p.add_argument("--modes", nargs="+", default=["exact", "normalized"])
+    p.add_argument("--modes", nargs="+", default=["exact", "normalized", "svr_classic"],
+                   help="render modes of the Gaussian engine, and/or svr_classic")
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--config", help="reconstruction config YAML (defaults otherwise)")
     p.add_argument("--atlas", default=str(ATLAS))

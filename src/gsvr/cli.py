@@ -35,20 +35,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("reconstruct", help="reconstruct a volume from motion-corrupted stacks")
-    r.add_argument("--input-stacks", nargs="+", required=True, metavar="NII")
-    r.add_argument("--stack-masks", nargs="+", metavar="NII", help="one brain mask per stack")
-    r.add_argument("--thicknesses", nargs="+", type=float, metavar="MM", help="slice thickness per stack (default: slice spacing)")
-    r.add_argument("--output-volume", required=True, metavar="NII")
-    r.add_argument("--output-resolution", type=float, metavar="MM", help="isotropic output voxel size (default 0.8)")
-    r.add_argument("--output-slices-tsv", metavar="TSV", help="per-slice motion, intensity scale and weight")
+    r = sub.add_parser("reconstruct", help="reconstruct a volume from motion-corrupted stacks (Gaussian engine)")
+    _add_reconstruction_flags(r)
     r.add_argument("--output-model", metavar="PT", help="save Gaussians and motions for sample-volume")
     r.add_argument("--output-log", metavar="TSV", help="per-iteration loss and elapsed time")
-    r.add_argument("--config", metavar="YAML", help="reconstruction settings (see config/recon_default.yaml)")
-    r.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    r.add_argument("--seed", type=int)
-    r.add_argument("--no-progress", action="store_true")
-    r.set_defaults(func=_reconstruct)
+    r.set_defaults(func=_reconstruct, method="gsvr")
+
+    c = sub.add_parser("svr", help="classical voxel-grid SVR (the svr_classic baseline), same inputs as reconstruct")
+    _add_reconstruction_flags(c)
+    c.set_defaults(func=_reconstruct, method="svr_classic", output_model=None, output_log=None)
 
     s = sub.add_parser("sample-volume", help="render a saved model at any resolution")
     s.add_argument("--input-model", required=True, metavar="PT")
@@ -84,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_reconstruction_flags(r: argparse.ArgumentParser) -> None:
+    r.add_argument("--input-stacks", nargs="+", required=True, metavar="NII")
+    r.add_argument("--stack-masks", nargs="+", metavar="NII", help="one brain mask per stack")
+    r.add_argument("--thicknesses", nargs="+", type=float, metavar="MM", help="slice thickness per stack (default: slice spacing)")
+    r.add_argument("--output-volume", required=True, metavar="NII")
+    r.add_argument("--output-resolution", type=float, metavar="MM", help="isotropic output voxel size (default 0.8)")
+    r.add_argument("--output-slices-tsv", metavar="TSV", help="per-slice motion, intensity scale and weight")
+    r.add_argument("--config", metavar="YAML", help="reconstruction settings (see config/recon_default.yaml)")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    r.add_argument("--seed", type=int)
+    r.add_argument("--no-progress", action="store_true")
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     from gsvr.recon.config import ReconConfig
     from gsvr.recon.files import reconstruct_files
@@ -93,7 +101,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     reconstruct_files(
         args.input_stacks, args.stack_masks, args.thicknesses, cfg.replace(**overrides),
         output_volume=args.output_volume, output_slices_tsv=args.output_slices_tsv, output_model=args.output_model,
-        output_log=args.output_log, progress=not args.no_progress,
+        output_log=args.output_log, progress=not args.no_progress, method=args.method,
     )
     return 0
 

@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -34,4 +35,19 @@ def test_every_shipped_reconstruction_config_loads():
         ReconConfig.from_yaml(path)
     workflow = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     for name, method in workflow["methods"].items():
-        ReconConfig.from_dict(method, source=f"config.yaml methods.{name}")
+        settings = dict(method)
+        assert settings.pop("engine", "gsvr") in ("gsvr", "svr_classic")
+        ReconConfig.from_dict(settings, source=f"config.yaml methods.{name}")
+
+
+def test_the_shipped_default_config_lists_every_setting_at_its_default():
+    values = yaml.safe_load((ROOT / "config" / "recon_default.yaml").read_text())
+    assert set(values) == {f.name for f in dataclasses.fields(ReconConfig)}
+    assert ReconConfig.from_dict(values) == ReconConfig()
+
+
+def test_lists_from_yaml_become_tuples():
+    cfg = ReconConfig.from_dict({"svr_spacings_mm": [3, 1.5]})
+    assert cfg.svr_spacings_mm == (3.0, 1.5)
+    with pytest.raises(GsvrError, match="svr_spacings_mm"):
+        ReconConfig.from_dict({"svr_spacings_mm": []})

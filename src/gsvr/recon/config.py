@@ -42,12 +42,15 @@ class ReconConfig:
     cosine_final: float = 0.1
     motion: bool = True  #: optimise slice motion (False: header geometry, the no-motion baseline)
     motion_warmup: int = 0  #: steps before slice motion is released
-    # Registration cycles before the joint optimisation (coarse field, alternating blocks).
-    register_cycles: int = 0  #: cycles of (fit coarse field, motion frozen) then (fit motion, field frozen); 0 = off
-    cycle_steps: int = 40  #: steps of each block of a cycle
-    cycle_batch_fraction: float = 0.25  #: pixel fraction per step in the cycles
-    coarse_gaussians: int = 4_000  #: Gaussians of the coarse field
-    coarse_scale_mm: float = 2.5  #: initial and target scale of the coarse field
+    # Motion initialisation before the joint optimisation: classical SVR cycles on a voxel grid.
+    init_motion: str = "svr"  #: "svr" (super-resolution + slice-to-volume registration cycles) or "none"
+    svr_spacings_mm: tuple = (2.4, 2.4, 1.6, 1.6, 1.6, 1.2)  #: voxel spacing of each cycle, coarse to fine
+    svr_translation_only_cycles: int = 2  #: first cycles register translations only
+    svr_registration_steps: int = 10  #: Gauss-Newton iterations per registration
+    svr_cg_iterations: int = 12  #: conjugate-gradient iterations per super-resolution solve
+    svr_tikhonov: float = 0.05  #: gradient penalty of the super-resolution, relative to the data term
+    svr_leave_one_out: bool = True  #: register each stack's slices to the volume of the other stacks
+    init_from_svr: bool = True  #: initialise the Gaussians from the SVR volume (else from the slice pixels)
     # Regularisation.
     scale_reg_weight: float = 2.5e-3  #: lambda_reg of GSVR Eq. 7
     scale_target_mm: float = 1.6  #: s_target of GSVR Eq. 7
@@ -72,13 +75,17 @@ class ReconConfig:
 
     def __post_init__(self) -> None:
         choices = {"render_mode": ("exact", "normalized"), "schedule": ("step", "cosine"),
-                   "knn_backend": ("auto", "kdtree", "faiss", "torch"), "device": ("auto", "cpu", "cuda")}
+                   "knn_backend": ("auto", "kdtree", "faiss", "torch"), "device": ("auto", "cpu", "cuda"),
+                   "init_motion": ("svr", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise GsvrError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.register_cycles < 0:
-            raise GsvrError(f"config: register_cycles must be >= 0, got {self.register_cycles}")
-        for name in ("n_gaussians", "coarse_gaussians", "cycle_steps", "k_neighbors", "iterations", "chunk_pixels", "knn_every", "weight_every", "step_size"):
+        if not self.svr_spacings_mm or any(not isinstance(v, (int, float)) or v <= 0 for v in self.svr_spacings_mm):
+            raise GsvrError(f"config: svr_spacings_mm must be a non-empty list of positive spacings, got {self.svr_spacings_mm!r}")
+        for name in ("iterations", "svr_translation_only_cycles", "svr_registration_steps", "svr_cg_iterations"):
+            if getattr(self, name) < 0:
+                raise GsvrError(f"config: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("n_gaussians", "k_neighbors", "chunk_pixels", "knn_every", "weight_every", "step_size"):
             if getattr(self, name) < 1:
                 raise GsvrError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.batch_fraction <= 1:
@@ -96,6 +103,8 @@ class ReconConfig:
         typed = {}
         for name, value in values.items():
             kind = type(known[name].default)
+            if kind is tuple and isinstance(value, list):
+                value = tuple(float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value)
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -113,6 +122,15 @@ class ReconConfig:
         if not isinstance(values, dict):
             raise GsvrError(f"{path}: reconstruction config must be a mapping of setting: value")
         return cls.from_dict(values, source=str(path))
+
+    def svr_settings(self) -> "SvrSettings":
+        """The settings of the classical SVR cycles (motion initialisation and the svr_classic baseline)."""
+        from gsvr.recon.svr import SvrSettings
+
+        return SvrSettings(spacings_mm=tuple(float(v) for v in self.svr_spacings_mm),
+                           translation_only_cycles=self.svr_translation_only_cycles,
+                           reg_steps=self.svr_registration_steps, cg_iterations=self.svr_cg_iterations,
+                           tikhonov=self.svr_tikhonov, leave_one_out=self.svr_leave_one_out)
 
     def replace(self, **changes: Any) -> "ReconConfig":
         return dataclasses.replace(self, **changes)

@@ -17,6 +17,16 @@ from gsvr.recon.volume import save_model
 log = logging.getLogger("gsvr")
 
 
+def _classic(stacks, config, *, progress):
+    from gsvr.baselines import reconstruct_classic
+
+    return reconstruct_classic(stacks, config, progress=progress)
+
+
+#: Reconstruction methods by name: the Gaussian engine and the classical voxel-grid SVR baseline.
+METHODS = {"gsvr": reconstruct, "svr_classic": _classic}
+
+
 def check_writable(path: str | os.PathLike) -> None:
     parent = Path(path).parent
     if not parent.is_dir():
@@ -36,11 +46,16 @@ def reconstruct_files(
     output_model: str | None = None,
     output_log: str | None = None,
     progress: bool = True,
+    method: str = "gsvr",
 ) -> Result:
-    """Load stacks, reconstruct, write every requested output (each atomically)."""
+    """Load stacks, reconstruct with ``method`` ("gsvr" or "svr_classic"), write every requested output (each atomically)."""
+    if method not in METHODS:
+        raise GsvrError(f"unknown method {method!r}; known: {sorted(METHODS)}")
+    if method != "gsvr" and output_model:
+        raise GsvrError(f"{output_model}: method {method} has no Gaussian model to save")
     for out in filter(None, (output_volume, output_slices_tsv, output_model, output_log)):
         check_writable(out)
-    result = reconstruct(load_stacks(stacks, masks, thicknesses), config, progress=progress)
+    result = METHODS[method](load_stacks(stacks, masks, thicknesses), config, progress=progress)
     save_volume(output_volume, result.volume.data, result.volume.affine)
     if output_slices_tsv:
         with atomic_output(output_slices_tsv) as tmp:

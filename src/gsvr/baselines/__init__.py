@@ -1,0 +1,5 @@
+"""Baseline reconstruction methods run side by side with the Gaussian engine."""
+
+from gsvr.baselines.svr_classic import reconstruct_classic
+
+__all__ = ["reconstruct_classic"]

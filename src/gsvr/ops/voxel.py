@@ -1,0 +1,108 @@
+"""Slice acquisition on a voxel grid: the classical SVR forward operator and its adjoint.
+
+A slice pixel is the volume integrated against the slice PSF (a Gaussian in the slice frame,
+rotated with the slice). The integral is Gauss-Hermite quadrature over the PSF, each node read
+from the grid by trilinear interpolation (``grid_sample``). The operator is linear in the
+volume; its adjoint is the vector-Jacobian product (:func:`acquire_adjoint`), and its gradient
+with respect to the sample positions gives slice-to-volume registration.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Probabilists' Gauss-Hermite rules: nodes (in standard deviations) and weights summing to 1.
+_HERMITE = {
+    1: ([0.0], [1.0]),
+    3: ([-math.sqrt(3.0), 0.0, math.sqrt(3.0)], [1 / 6, 2 / 3, 1 / 6]),
+    5: ([-2.856970013872806, -1.355626179974266, 0.0, 1.355626179974266, 2.856970013872806],
+        [0.011257411327720, 0.222075922005613, 0.533333333333333, 0.222075922005613, 0.011257411327720]),
+}
+
+
+@dataclass(frozen=True)
+class VoxelGrid:
+    """An axis-aligned grid in the (origin-shifted) world frame: voxel (i, j, k) sits at corner + spacing * (i, j, k)."""
+
+    corner_mm: tuple[float, float, float]
+    spacing_mm: float
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def covering(cls, points_mm: Tensor, spacing_mm: float, margin_mm: float) -> "VoxelGrid":
+        """Smallest grid covering ``points_mm`` [P, 3] plus a margin."""
+        lo = points_mm.min(0).values.double().cpu().numpy() - margin_mm
+        hi = points_mm.max(0).values.double().cpu().numpy() + margin_mm
+        shape = tuple(int(math.ceil((h - l) / spacing_mm)) + 1 for l, h in zip(lo, hi))
+        return cls(tuple(float(v) for v in lo), float(spacing_mm), shape)
+
+    def points(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+        """[I, J, K, 3] voxel centres (mm)."""
+        axes = [torch.arange(n, device=device, dtype=dtype) * self.spacing_mm + c for n, c in zip(self.shape, self.corner_mm)]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)
+
+    def normalised(self, points_mm: Tensor) -> Tensor:
+        """mm -> grid_sample coordinates ([-1, 1], align_corners=True, order (k, j, i))."""
+        corner = torch.tensor(self.corner_mm, device=points_mm.device, dtype=points_mm.dtype)
+        extent = torch.tensor([(n - 1) * self.spacing_mm for n in self.shape], device=points_mm.device, dtype=points_mm.dtype)
+        return (2.0 * (points_mm - corner) / extent.clamp_min(1e-6) - 1.0).flip(-1)
+
+    def affine(self, origin_mm: np.ndarray) -> np.ndarray:
+        """[4, 4] voxel -> world affine, adding back the frame origin."""
+        a = np.eye(4)
+        a[:3, :3] *= self.spacing_mm
+        a[:3, 3] = np.asarray(self.corner_mm) + origin_mm
+        return a
+
+
+def psf_nodes(n_normal: int, n_inplane: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Quadrature nodes [S, 3] (in PSF standard deviations, slice frame) and weights [S] summing to 1."""
+    if n_normal not in _HERMITE or n_inplane not in _HERMITE:
+        raise ValueError(f"PSF quadrature orders must be in {sorted(_HERMITE)}")
+    zn, zw = _HERMITE[n_normal]
+    pn, pw = _HERMITE[n_inplane]
+    nodes = [(a, b, c) for a in pn for b in pn for c in zn]
+    weights = [wa * wb * wc for wa in pw for wb in pw for wc in zw]
+    return torch.tensor(nodes, device=device, dtype=dtype), torch.tensor(weights, device=device, dtype=dtype)
+
+
+def psf_offsets(axes: Tensor, psf_sigma: Tensor, nodes: Tensor) -> Tensor:
+    """World offsets [M, S, 3] of the quadrature nodes of each slice.
+
+    Args:
+        axes: [M, 3, 3] current slice axes (columns: in-plane x, in-plane y, normal).
+        psf_sigma: [M, 3] PSF standard deviations along the axes (mm).
+        nodes: [S, 3] nodes in standard deviations.
+    """
+    return torch.einsum("mij,msj->msi", axes, nodes[None] * psf_sigma[:, None, :])
+
+
+def acquire(volume: Tensor, grid: VoxelGrid, x: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+    """Simulated pixel values: sum_s w_s V(x_p + offset_s) -> [P].
+
+    Args:
+        volume: [I, J, K] voxel values.
+        x: [P, 3] pixel centres after motion (mm).
+        offsets: [P, S, 3] PSF node offsets of each pixel (mm).
+        weights: [S] quadrature weights.
+    """
+    pts = grid.normalised(x[:, None, :] + offsets)  # [P, S, 3]
+    vals = F.grid_sample(volume[None, None], pts[None, :, :, None, :], mode="bilinear",
+                         padding_mode="zeros", align_corners=True)  # [1, 1, P, S, 1]
+    return (vals[0, 0, :, :, 0] * weights).sum(-1)
+
+
+def acquire_adjoint(values: Tensor, grid: VoxelGrid, x: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:
+    """Adjoint of :func:`acquire` in the volume: pixel values [P] -> volume [I, J, K]."""
+    zero = torch.zeros(grid.shape, device=values.device, dtype=values.dtype, requires_grad=True)
+    with torch.enable_grad():
+        out = acquire(zero, grid, x.detach(), offsets.detach(), weights)
+        (adj,) = torch.autograd.grad(out, zero, values)
+    return adj

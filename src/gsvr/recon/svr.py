@@ -1,0 +1,339 @@
+"""Classical slice-to-volume reconstruction on a voxel grid (SVRTK / Kuklisova-Murgasova family).
+
+Cycles of (a) super-resolution: the volume minimising the weighted misfit of the PSF-blurred,
+scaled volume to the slices plus a Tikhonov gradient penalty, solved by conjugate gradients on
+the normal equations, and (b) slice-to-volume registration: every slice's rigid motion moved
+to maximise its normalised cross-correlation with the fixed volume (Adam, all slices at once).
+Coarse to fine: early cycles use a coarse grid, whose smooth volume widens the capture range.
+
+Used twice: as the motion initialisation of the Gaussian engine, and as the ``svr_classic``
+baseline (the voxel volume itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gsvr.geometry import axis_angle_to_matrix, matrix_to_axis_angle
+from gsvr.ops.knn import knn
+from gsvr.ops.voxel import VoxelGrid, acquire, acquire_adjoint, psf_nodes, psf_offsets
+from gsvr.recon.slices import SliceData, SliceMotion, transform_points
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SvrSettings:
+    """Settings of the classical SVR cycles (the engine derives them from ``ReconConfig``)."""
+
+    spacings_mm: tuple[float, ...] = (2.4, 2.4, 1.6, 1.6, 1.2, 1.2)  #: grid spacing of each cycle
+    cg_iterations: int = 12  #: conjugate-gradient iterations of each super-resolution solve
+    reg_steps: int = 10  #: Gauss-Newton iterations of each registration
+    lm_damping: float = 0.1  #: Levenberg-Marquardt damping (fraction of the normal-matrix diagonal)
+    max_step_rad: float = 0.05  #: largest rotation of one Gauss-Newton step
+    max_step_mm: float = 2.0  #: largest translation of one Gauss-Newton step
+    prior_rotation_rad: float = 0.1  #: std of the zero-mean prior on each slice's rotation (per axis)
+    prior_translation_mm: float = 5.0  #: std of the zero-mean prior on each slice's translation (per axis)
+    tikhonov: float = 0.05  #: gradient penalty relative to the mean data-term diagonal
+    psf_normal: int = 5  #: Gauss-Hermite nodes through the slice
+    psf_inplane: int = 1  #: Gauss-Hermite nodes per in-plane axis
+    translation_only_cycles: int = 2  #: first cycles register translation only (rotation needs a sharper volume)
+    leave_one_out: bool = True  #: register each stack's slices to the volume of the other stacks
+    scale_bounds: tuple[float, float] = (0.5, 2.0)  #: clamp of the per-slice intensity scale
+    chunk_pixels: int = 65_536
+    margin_mm: float = 4.0
+
+
+@dataclass
+class SvrState:
+    """The voxel volume and its grid after the cycles."""
+
+    volume: Tensor  # [I, J, K] normalised intensities
+    grid: VoxelGrid
+
+
+class _Operator:
+    """Acquisition of the chosen in-mask pixels for fixed motion (chunked)."""
+
+    def __init__(self, data: SliceData, motion: SliceMotion, grid: VoxelGrid, s: SvrSettings, pixels: Tensor) -> None:
+        self.grid, self.s = grid, s
+        nodes, self.node_w = psf_nodes(s.psf_normal, s.psf_inplane, data.x0.device)
+        self.sid = data.slice_idx[pixels]
+        with torch.no_grad():
+            rot = motion.rotation()
+            self.x = transform_points(data.x0[pixels], self.sid, data.centre, rot, motion.trans)
+            self.off = psf_offsets(rot @ data.axes, data.psf_sigma, nodes)  # [M, S, 3]
+
+    def forward(self, volume: Tensor) -> Tensor:
+        return torch.cat([acquire(volume, self.grid, self.x[c], self.off[self.sid[c]], self.node_w)
+                          for c in _chunks(len(self.x), self.s.chunk_pixels)])
+
+    def adjoint(self, values: Tensor) -> Tensor:
+        out = torch.zeros(self.grid.shape, device=values.device)
+        for c in _chunks(len(self.x), self.s.chunk_pixels):
+            out += acquire_adjoint(values[c], self.grid, self.x[c], self.off[self.sid[c]], self.node_w)
+        return out
+
+
+def _grad_penalty_normal(v: Tensor) -> Tensor:
+    """G^T G v for forward differences G along the three axes (Neumann boundary)."""
+    out = torch.zeros_like(v)
+    for d in range(3):
+        diff = torch.diff(v, dim=d)
+        out += torch.nn.functional.pad(diff, _pad(d, 1, 0)) - torch.nn.functional.pad(diff, _pad(d, 0, 1))
+    return out
+
+
+def _pad(dim: int, before: int, after: int) -> list[int]:
+    """F.pad spec padding axis ``dim`` of a 3D tensor."""
+    spec = [0, 0, 0, 0, 0, 0]
+    spec[2 * (2 - dim)] = before
+    spec[2 * (2 - dim) + 1] = after
+    return spec
+
+
+def super_resolve(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, grid: VoxelGrid, s: SvrSettings, *,
+                  pixels: Tensor | None = None, init: Tensor | None = None) -> Tensor:
+    """Weighted Tikhonov least squares by conjugate gradients: (A^T W A + lam G^T G) v = A^T W y.
+
+    A includes each slice's intensity scale. ``pixel_weight`` [P] is W (slice weight x pixel weight);
+    ``pixels`` (indices) restricts the data term to a subset of the pixels.
+    """
+    if pixels is None:
+        pixels = torch.arange(data.n_pixels, device=data.x0.device)
+    op = _Operator(data, motion, grid, s, pixels)
+    scale = torch.exp(motion.log_scale.detach())[op.sid]
+    pixel_weight = pixel_weight[pixels]
+    w = pixel_weight * scale.square()
+
+    def normal(v: Tensor) -> Tensor:
+        return op.adjoint(w * op.forward(v)) + lam * _grad_penalty_normal(v)
+
+    # lam relative to the mean diagonal of A^T W A over covered voxels, so it does not depend on the grid.
+    diag = op.adjoint(w * op.forward(torch.ones(grid.shape, device=data.x0.device)))
+    lam = s.tikhonov * float(diag[diag > 1e-6 * diag.max()].mean())
+    b = op.adjoint(pixel_weight * scale * data.y[pixels])
+    v = torch.zeros(grid.shape, device=data.x0.device) if init is None else init.clone()
+    r = b - normal(v)
+    p = r.clone()
+    rr = (r * r).sum()
+    for _ in range(s.cg_iterations):
+        ap = normal(p)
+        alpha = rr / (p * ap).sum().clamp_min(1e-30)
+        v += alpha * p
+        r -= alpha * ap
+        rr_new = (r * r).sum()
+        p = r + (rr_new / rr.clamp_min(1e-30)) * p
+        rr = rr_new
+    return v
+
+
+def register(volume: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMotion, s: SvrSettings, *,
+             slices: Tensor | None = None, rotate: bool = True) -> Tensor:
+    """Slice-to-volume registration of all (or the ``slices`` [M] bool) slices by damped Gauss-Newton; returns NCC [M].
+
+    Each slice is fitted as y = a * A_i(V) + b (a, b per slice by least squares, i.e. NCC), the
+    residual linearised in a small rotation about the slice's current centre and a translation:
+    d q / d omega = -[q - c - t]_x, d q / d t = I for every PSF node q. The volume gradient at
+    the nodes comes from a central-difference gradient volume sampled with the values. The
+    6x6 normal equations of every slice are solved in one batched call (Levenberg-Marquardt
+    damping); steps are capped so one iteration moves a slice by at most ``max_step``.
+    """
+    dev = data.x0.device
+    nodes, node_w = psf_nodes(s.psf_normal, s.psf_inplane, dev)
+    channels = torch.cat([volume[None], _central_gradient(volume, grid.spacing_mm)])[None]  # [1, 4, I, J, K]
+    m, sid = data.n_slices, data.slice_idx
+    if slices is None:
+        slices = torch.ones(m, dtype=torch.bool, device=dev)
+    pixels = torch.nonzero(slices[sid])[:, 0]
+    rotation = motion.rotation().detach()
+    trans = motion.trans.detach().clone()
+    ncc = torch.zeros(m, device=dev)
+    for it in range(s.reg_steps + 1):
+        sums = torch.zeros(m, 6, 6, device=dev), torch.zeros(m, 6, device=dev)
+        stats = torch.zeros(m, 5, device=dev)  # sum pred, sum y, sum pred^2, sum y^2, sum pred*y
+        jac_parts = []
+        for start in range(0, len(pixels), s.chunk_pixels):
+            c = pixels[start : start + s.chunk_pixels]
+            pred, jac = _sample_with_jacobian(channels, grid, data, c, rotation, trans, nodes, node_w)
+            y = data.y[c]
+            stats.index_add_(0, sid[c], torch.stack([pred, y, pred * pred, y * y, pred * y], -1))
+            jac_parts.append((c, pred, jac))
+        n = torch.bincount(sid, minlength=m).float().clamp_min(1)[:, None]
+        mp, my, mpp, myy, mpy = (stats / n).unbind(-1)
+        var_p = (mpp - mp * mp).clamp_min(1e-12)
+        cov = mpy - mp * my
+        ncc = cov / (var_p * (myy - my * my).clamp_min(1e-12)).sqrt()
+        if it == s.reg_steps:
+            break
+        a = cov / var_p  # y ~ a pred + b
+        b = my - a * mp
+        for c, pred, jac in jac_parts:
+            si = sid[c]
+            r = a[si] * pred + b[si] - data.y[c]
+            ja = a[si, None] * jac  # [p, 6]
+            sums[0].index_add_(0, si, ja[:, :, None] * ja[:, None, :])
+            sums[1].index_add_(0, si, ja * r[:, None])
+        # MAP: residuals / sigma^2 (sigma^2 = median over slices of the mean squared residual) plus a
+        # zero-mean Gaussian prior on the total motion, which holds slices with little content in place.
+        sq = torch.zeros(m, device=dev)
+        for c, pred, _ in jac_parts:
+            sq.index_add_(0, sid[c], (a[sid[c]] * pred + b[sid[c]] - data.y[c]).square())
+        sigma2 = (sq / n[:, 0])[slices].median().clamp_min(1e-8)
+        prior = torch.tensor([s.prior_rotation_rad ** -2] * 3 + [s.prior_translation_mm ** -2] * 3, device=dev)
+        current = torch.cat([matrix_to_axis_angle(rotation), trans], -1)
+        hess = sums[0] / sigma2 + torch.diag_embed(prior.expand(m, 6))
+        grad = sums[1] / sigma2 + prior * current
+        diag = torch.diagonal(hess, dim1=-2, dim2=-1)
+        damped = hess + torch.diag_embed(s.lm_damping * diag)
+        if not rotate:  # translation only: solve the 3x3 translation block
+            damped, grad = damped[:, 3:, 3:], grad[:, 3:]
+        step = -torch.linalg.solve(damped, grad[:, :, None])[:, :, 0] * slices[:, None]
+        if not rotate:
+            step = torch.cat([torch.zeros_like(step), step], -1)
+        # Cap the step: rotation (rad) and translation (mm) separately.
+        rot_step, t_step = step[:, :3], step[:, 3:]
+        rot_step = rot_step * (s.max_step_rad / rot_step.norm(dim=1, keepdim=True).clamp_min(s.max_step_rad))
+        t_step = t_step * (s.max_step_mm / t_step.norm(dim=1, keepdim=True).clamp_min(s.max_step_mm))
+        rotation = axis_angle_to_matrix(rot_step) @ rotation
+        trans = trans + t_step
+    with torch.no_grad():
+        motion.rotvec.copy_(matrix_to_axis_angle(rotation))
+        motion.trans.copy_(trans)
+    return ncc
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, start + size)
+
+
+def _central_gradient(volume: Tensor, spacing_mm: float) -> Tensor:
+    """[3, I, J, K] spatial gradient (per mm) along the grid axes by central differences."""
+    grads = torch.gradient(volume, spacing=spacing_mm)
+    return torch.stack(grads)
+
+
+def _sample_with_jacobian(channels: Tensor, grid: VoxelGrid, data: SliceData, c: Tensor, rotation: Tensor,
+                          trans: Tensor, nodes: Tensor, node_w: Tensor) -> tuple[Tensor, Tensor]:
+    """Simulated pixel values [p] and their derivatives [p, 6] w.r.t. (small rotation, translation)."""
+    sid = data.slice_idx[c]
+    rot = rotation[sid]
+    centre = data.centre[sid] + trans[sid]  # current slice centre
+    x = (rot @ (data.x0[c] - data.centre[sid])[:, :, None])[:, :, 0] + centre
+    off = psf_offsets(rotation @ data.axes, data.psf_sigma, nodes)[sid]  # [p, S, 3]
+    q = x[:, None, :] + off
+    samp = torch.nn.functional.grid_sample(channels, grid.normalised(q)[None, :, :, None, :], mode="bilinear",
+                                           padding_mode="zeros", align_corners=True)[0, :, :, :, 0]  # [4, p, S]
+    pred = (samp[0] * node_w).sum(-1)
+    g = samp[1:].permute(1, 2, 0)  # [p, S, 3]
+    u = q - centre[:, None, :]
+    j_rot = (torch.linalg.cross(u, g) * node_w[:, None]).sum(1)
+    j_t = (g * node_w[:, None]).sum(1)
+    return pred, torch.cat([j_rot, j_t], -1)
+
+
+def slice_ncc(pred: Tensor, y: Tensor, sid: Tensor, m: int) -> Tensor:
+    """Normalised cross-correlation of each slice's pixels: [P] x [P] -> [M]."""
+    n = torch.bincount(sid, minlength=m).float().clamp_min(1)
+
+    def mean(v: Tensor) -> Tensor:
+        return torch.zeros(m, device=v.device).index_add(0, sid, v) / n
+
+    pc = pred - mean(pred)[sid]
+    yc = y - mean(y)[sid]
+    cov = mean(pc * yc)
+    return cov / (mean(pc * pc) * mean(yc * yc)).clamp_min(1e-12).sqrt()
+
+
+def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_fn, progress=None) -> tuple[SvrState, Tensor]:
+    """Run the coarse-to-fine cycles, updating ``motion`` in place; returns the final volume and slice weights.
+
+    With ``leave_one_out`` (and at least two stacks) the slices of each stack are registered to a
+    volume reconstructed from the *other* stacks only, so a slice cannot lock onto its own
+    imprint in the volume; orthogonal stacks give that volume its resolution exactly along the
+    held-out slices' in-plane axes.
+
+    Args:
+        weight_fn: maps the per-slice mean absolute residual [M] to slice weights [M].
+        progress: optional callable(str) told when each cycle ends.
+    """
+    dev = data.x0.device
+    stack_of = torch.as_tensor(data.stack_of_slice, device=dev)
+    stacks = torch.unique(stack_of)
+    loo = s.leave_one_out and len(stacks) > 1
+    weights = torch.ones(data.n_slices, device=dev)
+    for cycle, spacing in enumerate(s.spacings_mm):
+        grid = _grid(data, motion, spacing, s.margin_mm)
+        mean_res = torch.zeros(data.n_slices, device=dev)
+        ncc = torch.zeros(data.n_slices, device=dev)
+        groups = [stack_of == k for k in stacks] if loo else [torch.ones_like(stack_of, dtype=torch.bool)]
+        for held_out in groups:
+            fit_pixels = torch.nonzero(~held_out[data.slice_idx] if loo else held_out[data.slice_idx])[:, 0]
+            vol = super_resolve(data, motion, weights[data.slice_idx], grid, s, pixels=fit_pixels)
+            ncc_k = register(vol, grid, data, motion, s, slices=held_out, rotate=cycle >= s.translation_only_cycles)
+            ncc[held_out] = ncc_k[held_out]
+            mean_res[held_out] = _fit_scales_and_residuals(vol, grid, data, motion, s, held_out)[held_out]
+        weights = weight_fn(mean_res)
+        remove_global_motion(data, motion)
+        log.info("svr cycle %d (%.1f mm): median slice NCC %.3f", cycle + 1, spacing, float(ncc.median()))
+        if progress is not None:
+            progress(f"svr {cycle + 1}/{len(s.spacings_mm)} ncc {float(ncc.median()):.3f}")
+    grid = _grid(data, motion, s.spacings_mm[-1], s.margin_mm)
+    vol = super_resolve(data, motion, weights[data.slice_idx], grid, s)
+    return SvrState(vol, grid), weights
+
+
+@torch.no_grad()
+def support_mask(grid: VoxelGrid, points_mm: Tensor, radius_mm: float) -> Tensor:
+    """[I, J, K] bool: voxels within ``radius_mm`` of some point of ``points_mm`` [P, 3] (the in-mask pixels)."""
+    pts = grid.points(points_mm.device).reshape(-1, 3)
+    near = knn(points_mm, pts, 1, backend="auto")[:, 0]
+    return ((pts - points_mm[near]).norm(dim=-1) <= radius_mm).reshape(grid.shape)
+
+
+@torch.no_grad()
+def remove_global_motion(data: SliceData, motion: SliceMotion) -> None:
+    """Take out the rigid transform G that best maps the header pixel positions onto the corrected
+    ones (Kabsch), so the volume stays in the scanner frame: new motion = G^-1 o motion."""
+    x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans).double()
+    x0 = data.x0.double()
+    mx, m0 = x.mean(0), x0.mean(0)
+    u, _, vt = torch.linalg.svd((x - mx).T @ (x0 - m0))
+    d = torch.sign(torch.linalg.det(u @ vt))
+    g_rot = u @ torch.diag(torch.stack([d.new_tensor(1.0), d.new_tensor(1.0), d])) @ vt  # x - mx ~ g_rot (x0 - m0)
+    g_t = mx - g_rot @ m0
+    rot = g_rot.T @ motion.rotation().double()
+    centre = data.centre.double()
+    trans = (centre + motion.trans.double() - g_t) @ g_rot - centre
+    motion.rotvec.copy_(matrix_to_axis_angle(rot).float())
+    motion.trans.copy_(trans.float())
+
+
+def _grid(data: SliceData, motion: SliceMotion, spacing_mm: float, margin_mm: float) -> VoxelGrid:
+    with torch.no_grad():
+        x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
+    return VoxelGrid.covering(x, spacing_mm, margin_mm)
+
+
+@torch.no_grad()
+def _fit_scales_and_residuals(vol: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMotion, s: SvrSettings,
+                              slices: Tensor) -> Tensor:
+    """Least-squares intensity scale of the chosen slices (y ~ scale * A_i V) into ``motion.log_scale``;
+    returns every slice's mean absolute residual [M] (0 for slices not chosen)."""
+    m = data.n_slices
+    pixels = torch.nonzero(slices[data.slice_idx])[:, 0]
+    op = _Operator(data, motion, grid, s, pixels)
+    pred = op.forward(vol)
+    y = data.y[pixels]
+    py = torch.zeros(m, device=y.device).index_add(0, op.sid, pred * y)
+    pp = torch.zeros(m, device=y.device).index_add(0, op.sid, pred * pred)
+    scale = (py / pp.clamp_min(1e-12)).clamp(s.scale_bounds[0], s.scale_bounds[1])
+    motion.log_scale[slices] = scale.log()[slices]
+    res = (pred * scale[op.sid] - y).abs()
+    n = torch.bincount(op.sid, minlength=m).clamp_min(1)
+    return torch.zeros(m, device=y.device).index_add(0, op.sid, res) / n
