@@ -42,3 +42,16 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(GsvrError):
         main(["--debug", "reconstruct", "--input-stacks", str(tmp_path / "none.nii.gz"), "--output-volume", str(tmp_path / "o.nii.gz")])
+
+
+def test_svr_command_takes_the_reconstruct_flags_and_reports_bad_input_the_same_way(tmp_path, capsys):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("not an image")
+    out = tmp_path / "out.nii.gz"
+    code = main(["svr", "--input-stacks", str(bad), "--output-volume", str(out), "--output-resolution", "1.0",
+                 "--output-slices-tsv", str(tmp_path / "s.tsv"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(bad) in err[0]
+    assert not out.exists()
+    with pytest.raises(SystemExit):  # no Gaussian model to save
+        main(["svr", "--input-stacks", str(bad), "--output-volume", str(out), "--output-model", str(tmp_path / "m.pt")])
