@@ -172,17 +172,16 @@ def register(volume: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMoti
             break
         a = cov / var_p  # y ~ a pred + b
         b = my - a * mp
+        sq = torch.zeros(m, device=dev)
         for c, pred, jac in jac_parts:
             si = sid[c]
             r = a[si] * pred + b[si] - data.y[c]
             ja = a[si, None] * jac  # [p, 6]
             sums[0].index_add_(0, si, ja[:, :, None] * ja[:, None, :])
             sums[1].index_add_(0, si, ja * r[:, None])
+            sq.index_add_(0, si, r.square())
         # MAP: residuals / sigma^2 (sigma^2 = median over slices of the mean squared residual) plus a
         # zero-mean Gaussian prior on the total motion, which holds slices with little content in place.
-        sq = torch.zeros(m, device=dev)
-        for c, pred, _ in jac_parts:
-            sq.index_add_(0, sid[c], (a[sid[c]] * pred + b[sid[c]] - data.y[c]).square())
         sigma2 = (sq / n[:, 0])[slices].median().clamp_min(1e-8)
         prior = torch.tensor([s.prior_rotation_rad ** -2] * 3 + [s.prior_translation_mm ** -2] * 3, device=dev)
         current = torch.cat([matrix_to_axis_angle(rotation), trans], -1)
@@ -273,7 +272,8 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
         ncc = torch.zeros(data.n_slices, device=dev)
         groups = [stack_of == k for k in stacks] if loo else [torch.ones_like(stack_of, dtype=torch.bool)]
         for held_out in groups:
-            fit_pixels = torch.nonzero(~held_out[data.slice_idx] if loo else held_out[data.slice_idx])[:, 0]
+            fit_slices = ~held_out if loo else held_out
+            fit_pixels = torch.nonzero(fit_slices[data.slice_idx])[:, 0]
             vol = super_resolve(data, motion, weights[data.slice_idx], grid, s, pixels=fit_pixels)
             ncc_k = register(vol, grid, data, motion, s, slices=held_out, rotate=cycle >= s.translation_only_cycles)
             ncc[held_out] = ncc_k[held_out]
