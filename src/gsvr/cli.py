@@ -38,12 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="reconstruct a volume from motion-corrupted stacks (Gaussian engine)")
     _add_reconstruction_flags(r)
     r.add_argument("--output-model", metavar="PT", help="save Gaussians and motions for sample-volume")
-    r.add_argument("--output-log", metavar="TSV", help="per-iteration loss and elapsed time")
     r.set_defaults(func=_reconstruct, method="gsvr")
 
     c = sub.add_parser("svr", help="classical voxel-grid SVR (the svr_classic baseline), same inputs as reconstruct")
     _add_reconstruction_flags(c)
-    c.set_defaults(func=_reconstruct, method="svr_classic", output_model=None, output_log=None)
+    c.set_defaults(func=_reconstruct, method="svr_classic", output_model=None)
 
     s = sub.add_parser("sample-volume", help="render a saved model at any resolution")
     s.add_argument("--input-model", required=True, metavar="PT")
@@ -69,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_simulate)
 
+    q = sub.add_parser("preprocess", help="crop stacks to their masks, optional N4 bias correction, standardise intensities")
+    q.add_argument("--input-stacks", nargs="+", required=True, metavar="NII")
+    q.add_argument("--stack-masks", nargs="+", required=True, metavar="NII")
+    q.add_argument("--output-dir", required=True, help="writes <stack name>.nii.gz and <stack name>_mask.nii.gz")
+    q.add_argument("--crop-margin", type=float, default=10.0, metavar="MM", help="in-plane margin around the mask")
+    q.add_argument("--n4", action="store_true", help="N4 bias-field correction inside the mask (SimpleITK)")
+    q.add_argument("--no-standardise", action="store_true", help="keep each stack's intensity scale")
+    q.set_defaults(func=_preprocess)
+
     e = sub.add_parser("evaluate", help="compare a reconstruction with the ground truth")
     e.add_argument("--input-volume", required=True, metavar="NII", help="reconstruction")
     e.add_argument("--reference", required=True, metavar="NII", help="ground-truth volume")
@@ -86,8 +94,11 @@ def _add_reconstruction_flags(r: argparse.ArgumentParser) -> None:
     r.add_argument("--output-volume", required=True, metavar="NII")
     r.add_argument("--output-resolution", type=float, metavar="MM", help="isotropic output voxel size (default 0.8)")
     r.add_argument("--output-slices-tsv", metavar="TSV", help="per-slice motion, intensity scale and weight")
+    r.add_argument("--output-log", metavar="TSV", help="per-step log: stage, elapsed time and the stage's fit measure")
     r.add_argument("--config", metavar="YAML", help="reconstruction settings (see config/recon_default.yaml)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    r.add_argument("--registration", choices=("stack", "none"),
+                   help="rigid stack-to-stack alignment with a multi-start over rotations before SVR (default: none)")
     r.add_argument("--seed", type=int)
     r.add_argument("--no-progress", action="store_true")
 
@@ -97,7 +108,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from gsvr.recon.files import reconstruct_files
 
     cfg = ReconConfig.from_yaml(args.config) if args.config else ReconConfig()
-    overrides = {k: v for k, v in (("output_resolution_mm", args.output_resolution), ("device", args.device), ("seed", args.seed)) if v is not None}
+    overrides = {k: v for k, v in (("output_resolution_mm", args.output_resolution), ("device", args.device), ("seed", args.seed),
+                                                   ("registration", args.registration)) if v is not None}
     reconstruct_files(
         args.input_stacks, args.stack_masks, args.thicknesses, cfg.replace(**overrides),
         output_volume=args.output_volume, output_slices_tsv=args.output_slices_tsv, output_model=args.output_model,
@@ -117,6 +129,20 @@ def _sample_volume(args: argparse.Namespace) -> int:
     model = load_model(args.input_model)
     vol = sample_volume(model, resolution_mm=args.output_resolution, device=resolve_device(args.device))
     save_volume(args.output_volume, vol.data, vol.affine)
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from gsvr.preprocess.stacks import PreprocessConfig, preprocess_files
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [Path(p).name.removesuffix(".gz").removesuffix(".nii") for p in args.input_stacks]
+    if len(set(names)) != len(names):
+        raise GsvrError("input stacks must have distinct file names (they name the outputs)")
+    cfg = PreprocessConfig(crop_margin_mm=args.crop_margin, n4=args.n4, standardise=not args.no_standardise)
+    preprocess_files(args.input_stacks, args.stack_masks, [out / f"{n}.nii.gz" for n in names],
+                     [out / f"{n}_mask.nii.gz" for n in names], cfg)
     return 0
 
 

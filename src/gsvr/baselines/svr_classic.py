@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from gsvr.io.nifti import Stack
 from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.config import ReconConfig
-from gsvr.recon.engine import Result, deterministic, _robust_slice_weights, _slice_table, _support_radius, resolve_device
+from gsvr.recon.engine import (HISTORY_COLUMNS, NCC_MEASURE, Result, _robust_slice_weights, _slice_table, _support_radius,
+                               deterministic, prepare_stacks, resolve_device)
 from gsvr.recon.slices import SliceMotion, build_slice_data, transform_points
 from gsvr.recon.svr import super_resolve, support_mask, svr_cycles
 from gsvr.recon.volume import SampledVolume
@@ -36,6 +37,7 @@ def reconstruct_classic(stacks: Sequence[Stack], config: ReconConfig | None = No
 def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Result:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
+    stacks = prepare_stacks(stacks, cfg)
     torch.manual_seed(cfg.seed)
     data = build_slice_data(stacks, quantile=cfg.normalize_quantile, device=device)
     motion = SliceMotion(data.n_slices, device)
@@ -43,9 +45,12 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Resul
     weight_fn = (lambda r: _robust_slice_weights(r, cfg)) if cfg.slice_weights else torch.ones_like
     n_cycles = len(settings.spacings_mm) if cfg.motion else 0
     with tqdm(total=n_cycles + 1, desc="svr", unit="cycle", disable=not progress, dynamic_ncols=True) as bar:
-        def tick(text: str) -> None:
+        history: list[tuple] = []
+
+        def tick(cycle: int, ncc: float) -> None:
+            history.append((len(history) + 1, "svr", time.perf_counter() - t_start, ncc, NCC_MEASURE))
             bar.update(1)
-            bar.set_postfix_str(text)
+            bar.set_postfix_str(f"svr {cycle + 1}/{n_cycles} ncc {ncc:.3f}")
 
         weights = torch.ones(data.n_slices, device=device)
         if cfg.motion:
@@ -61,9 +66,10 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Resul
         final = dataclasses.replace(settings, cg_iterations=2 * settings.cg_iterations, tikhonov=tikhonov)
         vol = super_resolve(data, motion, weights[data.slice_idx], grid, final)
         vol = torch.where(support_mask(grid, x, radius), vol, torch.zeros_like(vol))
-        tick("super-resolution")
+        bar.update(1)
+        bar.set_postfix_str("super-resolution")
     data_np = (vol.clamp_min(0) * data.intensity_scale).cpu().numpy().astype(np.float32)
     volume = SampledVolume(data=data_np, affine=grid.affine(data.origin_mm))
     return Result(volume=volume, slices=_slice_table(data, motion, weights, stacks),
-                  history=pd.DataFrame(columns=["iteration", "elapsed_s", "loss"]), model={}, config=cfg,
+                  history=pd.DataFrame(history, columns=HISTORY_COLUMNS), model={}, config=cfg,
                   elapsed_s=time.perf_counter() - t_start)

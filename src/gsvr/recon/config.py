@@ -23,7 +23,7 @@ class ReconConfig:
     psf: bool = True  #: model the slice PSF (False: point sampling, the "no PSF" ablation)
     delta: float = 1e-4  #: stabiliser of the normalized mode's denominator
     # Optimisation.
-    iterations: int = 500  #: optimiser steps (one step = one pass over the pixel batch)
+    iterations: int = 0  #: joint optimisation steps after the initialisation (one step = one pass over the pixels)
     batch_fraction: float = 1.0  #: fraction of in-mask pixels used per step (1 = full batch)
     chunk_pixels: int = 8_192  #: pixels per forward/backward chunk (bounds memory)
     knn_every: int = 50  #: steps between neighbour-index rebuilds
@@ -51,6 +51,7 @@ class ReconConfig:
     svr_tikhonov: float = 0.05  #: gradient penalty of the super-resolution, relative to the data term
     svr_leave_one_out: bool = True  #: register each stack's slices to the volume of the other stacks
     init_from_svr: bool = True  #: initialise the Gaussians from the SVR volume (else from the slice pixels)
+    init_fit_steps: int = 100  #: Adam steps fitting the initial Gaussians to the SVR volume (0 = sampled values only)
     # Regularisation.
     scale_reg_weight: float = 2.5e-3  #: lambda_reg of GSVR Eq. 7
     scale_target_mm: float = 1.6  #: s_target of GSVR Eq. 7
@@ -65,7 +66,12 @@ class ReconConfig:
     weight_every: int = 50
     weight_z_scale: float = 4.0
     weight_mad_floor: float = 0.02
-    # Data.
+    # Data and preprocessing (gsvr.preprocess).
+    crop_margin_mm: float = 10.0  #: stacks cropped in plane to their mask's bounding box plus this margin
+    standardise_stacks: bool = True  #: scale stacks to a common in-mask 99th percentile
+    n4_bias_correction: bool = False  #: N4 bias-field correction inside each mask (SimpleITK)
+    registration: str = "none"  #: "stack": rigid stack-to-stack alignment (multi-start) before SVR; "none"
+    registration_max_angle_deg: float = 90.0  #: largest stack-to-stack rotation the multi-start covers
     normalize_quantile: float = 0.99  #: intensities divided by this quantile of in-mask voxels
     output_resolution_mm: float = 0.8
     output_k_neighbors: int = 32  #: Gaussians summed per voxel when sampling the volume
@@ -76,13 +82,13 @@ class ReconConfig:
     def __post_init__(self) -> None:
         choices = {"render_mode": ("exact", "normalized"), "schedule": ("step", "cosine"),
                    "knn_backend": ("auto", "kdtree", "faiss", "torch"), "device": ("auto", "cpu", "cuda"),
-                   "init_motion": ("svr", "none")}
+                   "init_motion": ("svr", "none"), "registration": ("stack", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise GsvrError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.svr_spacings_mm or any(not isinstance(v, (int, float)) or v <= 0 for v in self.svr_spacings_mm):
             raise GsvrError(f"config: svr_spacings_mm must be a non-empty list of positive spacings, got {self.svr_spacings_mm!r}")
-        for name in ("iterations", "svr_translation_only_cycles", "svr_registration_steps", "svr_cg_iterations"):
+        for name in ("iterations", "init_fit_steps", "svr_translation_only_cycles", "svr_registration_steps", "svr_cg_iterations"):
             if getattr(self, name) < 0:
                 raise GsvrError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("n_gaussians", "k_neighbors", "chunk_pixels", "knn_every", "weight_every", "step_size"):

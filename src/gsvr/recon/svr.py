@@ -259,7 +259,7 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
 
     Args:
         weight_fn: maps the per-slice mean absolute residual [M] to slice weights [M].
-        progress: optional callable(str) told when each cycle ends.
+        progress: optional callable(cycle, median_ncc) told when each cycle ends.
     """
     dev = data.x0.device
     stack_of = torch.as_tensor(data.stack_of_slice, device=dev)
@@ -282,7 +282,7 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
         remove_global_motion(data, motion)
         log.info("svr cycle %d (%.1f mm): median slice NCC %.3f", cycle + 1, spacing, float(ncc.median()))
         if progress is not None:
-            progress(f"svr {cycle + 1}/{len(s.spacings_mm)} ncc {float(ncc.median()):.3f}")
+            progress(cycle, float(ncc.median()))
     grid = _grid(data, motion, s.spacings_mm[-1], s.margin_mm)
     vol = super_resolve(data, motion, weights[data.slice_idx], grid, s)
     return SvrState(vol, grid), weights
