@@ -1,4 +1,4 @@
-# gsvr workflow: per subject, simulate stacks -> reconstruct with each method -> evaluate -> tables.
+# gsvr workflow: per subject, simulate stacks -> preprocess -> reconstruct with each method -> evaluate -> tables and figures.
 from snakemake.utils import min_version
 
 min_version("8.20")
@@ -7,12 +7,18 @@ min_version("8.20")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
+include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/reconstruct.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:
     input:
         "results/tables/quality.md",
+        expand("results/figures/{subject}_{kind}.png", subject=SUBJECTS.index, kind=("triplanar", "convergence")),

@@ -33,11 +33,12 @@ def test_every_shipped_reconstruction_config_loads():
     assert paths, "no reconstruction configs shipped"
     for path in paths:
         ReconConfig.from_yaml(path)
-    workflow = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
-    for name, method in workflow["methods"].items():
-        settings = dict(method)
-        assert settings.pop("engine", "gsvr") in ("gsvr", "svr_classic")
-        ReconConfig.from_dict(settings, source=f"config.yaml methods.{name}")
+    for workflow_config in ("config.yaml", "ablation_gsvr.yaml"):
+        workflow = yaml.safe_load((ROOT / "config" / workflow_config).read_text())
+        for name, method in workflow["methods"].items():
+            settings = dict(method)
+            assert settings.pop("engine", "gsvr") in ("gsvr", "svr_classic")
+            ReconConfig.from_dict(settings, source=f"{workflow_config} methods.{name}")
 
 
 def test_the_shipped_default_config_lists_every_setting_at_its_default():

@@ -19,7 +19,7 @@ rule aggregate:
         metrics=expand("results/{subject}/{method}/metrics.json", subject=SUBJECTS.index, method=METHODS),
         times=expand("benchmarks/{subject}/{method}/reconstruct.tsv", subject=SUBJECTS.index, method=METHODS),
     output:
-        per_subject="results/tables/per_subject.csv",
+        per_subject=report("results/tables/per_subject.csv", caption="../report/quality.rst", category="Tables"),
         table="results/tables/quality.md",
     params:
         subjects=list(SUBJECTS.index),

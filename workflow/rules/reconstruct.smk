@@ -1,7 +1,7 @@
 rule reconstruct:
     input:
-        stacks=rules.simulate.output.stacks,
-        masks=rules.simulate.output.masks,
+        stacks=rules.preprocess.output.stacks,
+        masks=rules.preprocess.output.masks,
     output:
         volume="results/{subject}/{method}/volume.nii.gz",
         slices="results/{subject}/{method}/slices.tsv",

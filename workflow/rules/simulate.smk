@@ -18,3 +18,4 @@ rule simulate:
     threads: 1
     script:
         "../scripts/simulate.py"
+
