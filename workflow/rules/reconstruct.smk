@@ -12,7 +12,7 @@ rule reconstruct:
         "logs/{subject}/{method}/reconstruct.log",
     benchmark:
         "benchmarks/{subject}/{method}/reconstruct.tsv"
-    threads: workflow.cores
+    threads: 8  # capped by --cores locally; the SLURM profile sets its own
     resources:
         gpu=lambda wc: 1 if config["methods"][wc.method].get("device", "auto") == "cuda" else 0,
     script:
