@@ -44,3 +44,4 @@ def test_ablation_config_plans_every_row_of_gsvr_table_2():
     assert res.returncode == 0, res.stderr + res.stdout
     for method in ("gsvr_N10k", "gsvr_N80k", "gsvr_K10", "gsvr_K80", "gsvr_noAdaptiveInit", "gsvr_joint_noPSF", "gsvr_joint_noReg"):
         assert f"method={method}" in res.stdout, method
+
