@@ -21,4 +21,6 @@ include: "workflow/rules/figures.smk"
 rule all:
     input:
         "results/tables/quality.md",
+        # Every reconstruction and its metrics are targets too: deleting one re-runs its chain.
+        expand("results/{subject}/{method}/{file}", subject=SUBJECTS.index, method=METHODS, file=("volume.nii.gz", "metrics.json")),
         expand("results/figures/{subject}_{kind}.png", subject=SUBJECTS.index, kind=("triplanar", "convergence")),

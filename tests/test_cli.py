@@ -83,3 +83,23 @@ def test_preprocess_writes_cropped_stacks_and_masks_in_the_same_world_place(tmp_
                  "--output-dir", str(tmp_path / "pre2")])
     assert code == 2 and "nope.nii.gz" in capsys.readouterr().err
     assert not list((tmp_path / "pre2").glob("*"))
+
+
+def test_a_stack_that_overlaps_no_other_is_named(tmp_path, capsys):
+    shape = (16, 16, 6)
+    data = np.random.default_rng(2).random(shape).astype(np.float32) + 1
+    mask = np.zeros(shape, np.uint8)
+    mask[4:12, 4:12, 1:5] = 1
+    for name, shift in (("a", 0.0), ("b", 0.0), ("far", 400.0)):
+        affine = np.diag([1.0, 1.0, 3.0, 1.0])
+        affine[0, 3] = shift
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(mask, affine), tmp_path / f"{name}_m.nii.gz")
+    out = tmp_path / "o.nii.gz"
+    code = main(["reconstruct", "--input-stacks", *(str(tmp_path / f"{n}.nii.gz") for n in ("a", "b", "far")),
+                 "--stack-masks", *(str(tmp_path / f"{n}_m.nii.gz") for n in ("a", "b", "far")),
+                 "--output-volume", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "far.nii.gz" in err[0] and "does not overlap" in err[0]
+    assert not out.exists()

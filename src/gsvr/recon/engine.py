@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from gsvr.errors import GsvrError
 from gsvr.io.nifti import Stack
 from gsvr.model.field import GaussianField, content_adaptive_init
 from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables, pair_tables, unique_pairs
@@ -62,8 +64,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from gsvr.errors import GsvrError
-
         raise GsvrError("--device cuda requested but torch sees no CUDA device")
     return torch.device(name)
 
@@ -115,7 +115,27 @@ def prepare_stacks(stacks: Sequence[Stack], cfg: ReconConfig) -> list[Stack]:
     out = preprocess_stacks(stacks, pre, drop_empty_slices=False)
     if cfg.registration == "stack" and cfg.motion and len(out) > 1:
         out, _ = align_stacks(out, max_angle_deg=cfg.registration_max_angle_deg, seed=cfg.seed)
+    _check_overlap(out)
     return out
+
+
+def _check_overlap(stacks: Sequence[Stack]) -> None:
+    """Every stack's mask must overlap the others' (world bounding boxes, one slice thickness of slack)."""
+    if len(stacks) < 2:
+        return
+    boxes = []
+    for s in stacks:
+        ijk = np.argwhere(s.mask)
+        lo, hi = ijk.min(0), ijk.max(0)
+        corners = np.array(list(itertools.product(*zip(lo, hi))), dtype=np.float64)  # [8, 3]
+        world = corners @ s.affine[:3, :3].T + s.affine[:3, 3]
+        slack = max(s.thickness_mm, float(s.spacing_mm[2]))
+        boxes.append((world.min(0) - slack, world.max(0) + slack))
+    for i, (lo, hi) in enumerate(boxes):
+        others = [b for j, b in enumerate(boxes) if j != i]
+        if not any(np.all(lo <= o_hi) and np.all(o_lo <= hi) for o_lo, o_hi in others):
+            raise GsvrError(f"{stacks[i].name}: its mask does not overlap any other stack's mask in world space "
+                            "(wrong header, wrong mask, or a stack of another subject; --registration stack aligns turned stacks)")
 
 
 def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Result:
