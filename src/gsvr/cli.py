@@ -108,8 +108,9 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from gsvr.recon.files import reconstruct_files
 
     cfg = ReconConfig.from_yaml(args.config) if args.config else ReconConfig()
-    overrides = {k: v for k, v in (("output_resolution_mm", args.output_resolution), ("device", args.device), ("seed", args.seed),
-                                                   ("registration", args.registration)) if v is not None}
+    flags = {"output_resolution_mm": args.output_resolution, "device": args.device, "seed": args.seed,
+             "registration": args.registration}
+    overrides = {k: v for k, v in flags.items() if v is not None}
     reconstruct_files(
         args.input_stacks, args.stack_masks, args.thicknesses, cfg.replace(**overrides),
         output_volume=args.output_volume, output_slices_tsv=args.output_slices_tsv, output_model=args.output_model,

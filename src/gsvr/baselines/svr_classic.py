@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from gsvr.io.nifti import Stack
 from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.config import ReconConfig
-from gsvr.recon.engine import (HISTORY_COLUMNS, NCC_MEASURE, Result, _robust_slice_weights, _slice_table, _support_radius,
-                               deterministic, prepare_stacks, resolve_device)
+from gsvr.recon.engine import (HISTORY_COLUMNS, Result, _robust_slice_weights, _slice_table, _support_radius, deterministic,
+                               prepare_stacks, resolve_device, svr_progress)
 from gsvr.recon.slices import SliceMotion, build_slice_data, transform_points
 from gsvr.recon.svr import super_resolve, support_mask, svr_cycles
 from gsvr.recon.volume import SampledVolume
@@ -46,11 +46,7 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Resul
     n_cycles = len(settings.spacings_mm) if cfg.motion else 0
     with tqdm(total=n_cycles + 1, desc="svr", unit="cycle", disable=not progress, dynamic_ncols=True) as bar:
         history: list[tuple] = []
-
-        def tick(cycle: int, ncc: float) -> None:
-            history.append((len(history) + 1, "svr", time.perf_counter() - t_start, ncc, NCC_MEASURE))
-            bar.update(1)
-            bar.set_postfix_str(f"svr {cycle + 1}/{n_cycles} ncc {ncc:.3f}")
+        tick = svr_progress(bar, history, t_start, n_cycles)
 
         weights = torch.ones(data.n_slices, device=device)
         if cfg.motion:

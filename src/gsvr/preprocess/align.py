@@ -37,12 +37,18 @@ def interslice_consistency(stack: Stack) -> float:
         m = stack.mask[:, :, k] | stack.mask[:, :, k + 1]
         if m.sum() < 20:
             continue
-        a, b = stack.data[:, :, k][m].astype(np.float64), stack.data[:, :, k + 1][m].astype(np.float64)
-        a, b = a - a.mean(), b - b.mean()
-        den = np.sqrt((a * a).sum() * (b * b).sum())
-        if den > 0:
-            scores.append(float((a * b).sum() / den))
+        r = _pearson(stack.data[:, :, k][m], stack.data[:, :, k + 1][m])
+        if r is not None:
+            scores.append(r)
     return float(np.mean(scores)) if scores else -1.0
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation of two samples; None when either is constant."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / den if den > 0 else None
 
 
 def start_rotations(max_angle_deg: float = 90.0, step_deg: float = 45.0) -> list[np.ndarray]:
@@ -96,10 +102,8 @@ def _overlap_correlation(fixed: sitk.Image, fixed_mask: np.ndarray, moving: sitk
     outside the moving image: unlike the optimiser's metric (valid points only), a start that
     slides the brain out of the overlap cannot score well."""
     warped = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0))[fixed_mask]
-    ref = sitk.GetArrayFromImage(fixed)[fixed_mask]
-    a, b = warped - warped.mean(), ref - ref.mean()
-    den = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum()) / den if den > 0 else -1.0
+    r = _pearson(warped, sitk.GetArrayFromImage(fixed)[fixed_mask])
+    return -1.0 if r is None else r
 
 
 def register_stack(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, step_deg: float = 45.0,

@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 
 #: Columns of the per-step log (``Result.history``, ``--output-log``); ``value`` is the ``measure``.
 HISTORY_COLUMNS = ["step", "stage", "elapsed_s", "value", "measure"]
-NCC_MEASURE = "median slice NCC (leave one stack out)"
-FIT_MEASURE = "L1 to the SVR volume"
-JOINT_MEASURE = "weighted L1 slice loss"
+#: What ``value`` measures in each stage of the log.
+STAGE_MEASURES = {"svr": "median slice NCC (leave one stack out)", "fit": "L1 to the SVR volume",
+                  "joint": "weighted L1 slice loss"}
 
 #: Lever arm (mm) turning the mean slice rotation (rad) into a distance for the gauge penalty.
 GAUGE_LEVER_MM = 50.0
@@ -104,6 +104,28 @@ def deterministic():
         torch.use_deterministic_algorithms(previous)
 
 
+def _record(history: list, stage: str, t_start: float, value: float) -> None:
+    """Append one row of the per-step log (``HISTORY_COLUMNS``)."""
+    history.append((len(history) + 1, stage, time.perf_counter() - t_start, value, STAGE_MEASURES[stage]))
+
+
+def svr_progress(bar, history: list, t_start: float, n_cycles: int):
+    """The ``progress`` callback of :func:`svr_cycles`: logs each cycle's median NCC and ticks ``bar``."""
+
+    def tick(cycle: int, ncc: float) -> None:
+        _record(history, "svr", t_start, ncc)
+        bar.update(1)
+        bar.set_postfix_str(f"svr {cycle + 1}/{n_cycles} ncc {ncc:.3f}")
+
+    return tick
+
+
+def _field_groups(field_: GaussianField, cfg: ReconConfig) -> list[dict]:
+    """Optimiser parameter groups of the Gaussian field, each with its learning rate."""
+    return [{"params": [field_.means], "lr": cfg.lr_means}, {"params": [field_.log_scales], "lr": cfg.lr_scales},
+            {"params": [field_.quats], "lr": cfg.lr_quats}, {"params": [field_.values], "lr": cfg.lr_values}]
+
+
 def prepare_stacks(stacks: Sequence[Stack], cfg: ReconConfig) -> list[Stack]:
     """Crop to the masks, standardise, optionally N4-correct, then (``registration: stack``, with
     motion correction on) align every stack rigidly to the reference stack. Slice indices stay
@@ -158,11 +180,7 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> R
     if cfg.motion and cfg.init_motion == "svr":
         # Classical SVR cycles on a voxel grid bring the slices close before the joint optimisation,
         # whose local gradients alone let the field absorb misalignment (see recon/svr.py).
-        def tick(cycle: int, ncc: float) -> None:
-            history.append((len(history) + 1, "svr", time.perf_counter() - t_start, ncc, NCC_MEASURE))
-            bar.update(1)
-            bar.set_postfix_str(f"svr {cycle + 1}/{len(cfg.svr_spacings_mm)} ncc {ncc:.3f}")
-
+        tick = svr_progress(bar, history, t_start, len(cfg.svr_spacings_mm))
         svr, weights = svr_cycles(data, motion, cfg.svr_settings(), progress=tick,
                                   weight_fn=lambda r: _robust_slice_weights(r, cfg) if cfg.slice_weights else torch.ones_like(r))
     else:
@@ -247,10 +265,7 @@ def _fit_to_volume(field_: GaussianField, svr: SvrState, covered: Tensor, cfg: R
     pts = svr.grid.points(svr.volume.device)[covered]
     target = svr.volume[covered]
     k = min(k, field_.n)
-    optimizer = torch.optim.Adam([
-        {"params": [field_.means], "lr": cfg.lr_means}, {"params": [field_.log_scales], "lr": cfg.lr_scales},
-        {"params": [field_.quats], "lr": cfg.lr_quats}, {"params": [field_.values], "lr": cfg.lr_values},
-    ])
+    optimizer = torch.optim.Adam(_field_groups(field_, cfg))
     ids = torch.arange(field_.n, device=pts.device)
     for it in range(cfg.init_fit_steps):
         if it % cfg.knn_every == 0:
@@ -270,7 +285,7 @@ def _fit_to_volume(field_: GaussianField, svr: SvrState, covered: Tensor, cfg: R
         packed.backward(leaf.grad)
         optimizer.step()
         if history is not None:
-            history.append((len(history) + 1, "fit", time.perf_counter() - t_start, loss_value, FIT_MEASURE))
+            _record(history, "fit", t_start, loss_value)
         bar.update(1)
         bar.set_postfix_str(f"fit to SVR volume, loss {loss_value:.4f}")
 
@@ -281,9 +296,7 @@ def _run_phase(field_: GaussianField, motion: SliceMotion, data: SliceData, cfg:
     """Optimise the chosen parameter groups for ``steps`` steps; returns the slice weights."""
     groups = []
     if train_field:
-        groups += [{"params": [field_.means], "lr": cfg.lr_means}, {"params": [field_.log_scales], "lr": cfg.lr_scales},
-                   {"params": [field_.quats], "lr": cfg.lr_quats}, {"params": [field_.values], "lr": cfg.lr_values},
-                   {"params": [motion.log_scale], "lr": cfg.lr_slice_scale}]
+        groups += _field_groups(field_, cfg) + [{"params": [motion.log_scale], "lr": cfg.lr_slice_scale}]
     if train_motion:
         groups += [{"params": [motion.rotvec], "lr": cfg.lr_rotation}, {"params": [motion.trans], "lr": cfg.lr_translation}]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -311,7 +324,7 @@ def _run_phase(field_: GaussianField, motion: SliceMotion, data: SliceData, cfg:
         loss_value += _regularise(field_, motion, cfg)
         optimizer.step()
         scheduler.step()
-        history.append((len(history) + 1, "joint", time.perf_counter() - t_start, loss_value, JOINT_MEASURE))
+        _record(history, "joint", t_start, loss_value)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
     return weights
