@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_reconstruction_flags(c)
     c.set_defaults(func=_reconstruct, method="svr_classic", output_model=None)
 
+    a = sub.add_parser("assess", help="leave-one-stack-out self-consistency (data without ground truth)")
+    _add_input_flags(a)
+    a.add_argument("--method", choices=("gsvr", "svr_classic", "stack_average"), default="gsvr", help="reconstruction method assessed")
+    a.add_argument("--output-tsv", metavar="TSV", help="one row per left-out stack, then the mean")
+    a.set_defaults(func=_assess)
+
     s = sub.add_parser("sample-volume", help="render a saved model at any resolution")
     s.add_argument("--input-model", required=True, metavar="PT")
     s.add_argument("--output-volume", required=True, metavar="NII")
@@ -87,14 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_reconstruction_flags(r: argparse.ArgumentParser) -> None:
+def _add_input_flags(r: argparse.ArgumentParser) -> None:
+    """Stacks and reconstruction settings: shared by reconstruct, svr and assess."""
     r.add_argument("--input-stacks", nargs="+", required=True, metavar="NII")
     r.add_argument("--stack-masks", nargs="+", metavar="NII", help="one brain mask per stack")
     r.add_argument("--thicknesses", nargs="+", type=float, metavar="MM", help="slice thickness per stack (default: slice spacing)")
-    r.add_argument("--output-volume", required=True, metavar="NII")
     r.add_argument("--output-resolution", type=float, metavar="MM", help="isotropic output voxel size (default 0.8)")
-    r.add_argument("--output-slices-tsv", metavar="TSV", help="per-slice motion, intensity scale and weight")
-    r.add_argument("--output-log", metavar="TSV", help="per-step log: stage, elapsed time and the stage's fit measure")
     r.add_argument("--config", metavar="YAML", help="reconstruction settings (see config/recon_default.yaml)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"))
     r.add_argument("--registration", choices=("stack", "none"),
@@ -103,19 +107,39 @@ def _add_reconstruction_flags(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-progress", action="store_true")
 
 
-def _reconstruct(args: argparse.Namespace) -> int:
+def _add_reconstruction_flags(r: argparse.ArgumentParser) -> None:
+    _add_input_flags(r)
+    r.add_argument("--output-volume", required=True, metavar="NII")
+    r.add_argument("--output-slices-tsv", metavar="TSV", help="per-slice motion, intensity scale and weight")
+    r.add_argument("--output-log", metavar="TSV", help="per-step log: stage, elapsed time and the stage's fit measure")
+
+
+def _recon_config(args: argparse.Namespace):
     from gsvr.recon.config import ReconConfig
-    from gsvr.recon.files import reconstruct_files
 
     cfg = ReconConfig.from_yaml(args.config) if args.config else ReconConfig()
     flags = {"output_resolution_mm": args.output_resolution, "device": args.device, "seed": args.seed,
              "registration": args.registration}
-    overrides = {k: v for k, v in flags.items() if v is not None}
+    return cfg.replace(**{k: v for k, v in flags.items() if v is not None})
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from gsvr.recon.files import reconstruct_files
+
     reconstruct_files(
-        args.input_stacks, args.stack_masks, args.thicknesses, cfg.replace(**overrides),
+        args.input_stacks, args.stack_masks, args.thicknesses, _recon_config(args),
         output_volume=args.output_volume, output_slices_tsv=args.output_slices_tsv, output_model=args.output_model,
         output_log=args.output_log, progress=not args.no_progress, method=args.method,
     )
+    return 0
+
+
+def _assess(args: argparse.Namespace) -> int:
+    from gsvr.evaluate.assess import assess_files
+
+    table = assess_files(args.input_stacks, args.stack_masks, args.thicknesses, _recon_config(args),
+                         method=args.method, output_tsv=args.output_tsv, progress=not args.no_progress)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 
 
@@ -124,7 +148,7 @@ def _sample_volume(args: argparse.Namespace) -> int:
     from gsvr.recon.engine import resolve_device
     from gsvr.recon.volume import load_model, sample_volume
 
-    from gsvr.recon.files import check_writable
+    from gsvr.io.nifti import check_writable
 
     check_writable(args.output_volume)
     model = load_model(args.input_model)

@@ -5,6 +5,8 @@ import pytest
 import yaml
 
 from gsvr.errors import GsvrError
+from gsvr.baselines.external import PROGRAMS, ExternalSettings
+from gsvr.recon.files import METHODS
 from gsvr.recon.config import ReconConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +39,14 @@ def test_every_shipped_reconstruction_config_loads():
         workflow = yaml.safe_load((ROOT / "config" / workflow_config).read_text())
         for name, method in workflow["methods"].items():
             settings = dict(method)
-            assert settings.pop("engine", "gsvr") in ("gsvr", "svr_classic")
-            ReconConfig.from_dict(settings, source=f"{workflow_config} methods.{name}")
+            source = f"{workflow_config} methods.{name}"
+            engine = settings.get("engine", "gsvr")
+            if engine in PROGRAMS:
+                ExternalSettings.from_dict(settings, source=source)
+            else:
+                settings.pop("engine", None)
+                assert engine in METHODS, source
+                ReconConfig.from_dict(settings, source=source)
 
 
 def test_the_shipped_default_config_lists_every_setting_at_its_default():

@@ -3,40 +3,75 @@
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 
 from gsvr.io.nifti import atomic_output
 
-#: metric -> True when higher is better
+#: metric -> True when higher is better (ground-truth quality table)
 METRICS = {"psnr": True, "ssim": True, "ncc": True, "nrmse": False, "time_s": False}
+#: metric -> True when higher is better (leave-one-stack-out table of acquired subjects, ``gsvr assess``)
+ASSESS_METRICS = {"ncc": True, "psnr": True, "ncc_slices": True, "psnr_slices": True, "time_s": False}
 
 
-def quality_table(metrics_json: Sequence[str], bench_tsv: Sequence[str], subjects: Sequence[str], methods: Sequence[str],
-                  *, per_subject_csv: str, table_md: str) -> pd.DataFrame:
-    """Inputs are ordered subject-major, method-minor (as snakemake's expand gives them)."""
-    rows = []
-    pairs = [(s, m) for s in subjects for m in methods]
-    for (subject, method), mj, bt in zip(pairs, metrics_json, bench_tsv):
-        with open(mj) as fh:
-            row = json.load(fh)
-        row["time_s"] = float(pd.read_csv(bt, sep="\t")["s"].iloc[0])
-        rows.append({"subject": subject, "method": method, **row})
-    df = pd.DataFrame(rows)
-    with atomic_output(per_subject_csv) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.5g")
-    lines = ["| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    stats = df.groupby("method", sort=False)[list(METRICS)].agg(["mean", "std"])
-    best = {m: (stats[(m, "mean")].idxmax() if hi else stats[(m, "mean")].idxmin()) for m, hi in METRICS.items()}
+def _bench_seconds(path: str) -> float:
+    return float(pd.read_csv(path, sep="\t")["s"].iloc[0])
+
+
+def markdown_table(df: pd.DataFrame, methods: Sequence[str], metrics: dict[str, bool],
+                   not_installed: Mapping[str, str] | None = None) -> str:
+    """Mean ± std over the rows of each method, the best mean of each metric in bold; then one row per
+    method that could not run (``not_installed``: method -> reason)."""
+    lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    stats = df.groupby("method", sort=False)[list(metrics)].agg(["mean", "std"])
+    best = {m: (stats[(m, "mean")].idxmax() if hi else stats[(m, "mean")].idxmin()) for m, hi in metrics.items()}
     for method in methods:
         cells = []
-        for metric in METRICS:
+        for metric in metrics:
             mean, std = stats.loc[method, (metric, "mean")], stats.loc[method, (metric, "std")]
-            fmt = "{:.2f}" if metric in ("psnr", "time_s") else "{:.3f}"
+            fmt = "{:.3f}" if metric.startswith(("ncc", "ssim", "nrmse")) else "{:.2f}"
             text = fmt.format(mean) + ("" if pd.isna(std) else " ± " + fmt.format(std))
             cells.append(f"**{text}**" if best[metric] == method and len(methods) > 1 else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for method, why in (not_installed or {}).items():
+        lines.append(f"| {method} | {why} |" + " |" * (len(metrics) - 1))
+    return "\n".join(lines) + "\n"
+
+
+def _write(df: pd.DataFrame, methods: Sequence[str], metrics: dict[str, bool], per_subject_csv: str, table_md: str,
+           not_installed: Mapping[str, str] | None) -> None:
+    with atomic_output(per_subject_csv) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.5g")
     with atomic_output(table_md) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+        tmp.write_text(markdown_table(df, methods, metrics, not_installed))
+
+
+def quality_table(metrics_json: Sequence[str], bench_tsv: Sequence[str], subjects: Sequence[str], methods: Sequence[str],
+                  *, per_subject_csv: str, table_md: str, not_installed: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Ground-truth metrics; inputs are ordered subject-major, method-minor (as snakemake's expand gives them)."""
+    rows = []
+    pairs = [(s, m) for s in subjects for m in methods]
+    for (subject, method), mj, bt in zip(pairs, metrics_json, bench_tsv, strict=True):
+        with open(mj) as fh:
+            row = json.load(fh)
+        rows.append({"subject": subject, "method": method, **row, "time_s": _bench_seconds(bt)})
+    df = pd.DataFrame(rows)
+    _write(df, methods, METRICS, per_subject_csv, table_md, not_installed)
+    return df
+
+
+def assess_table(assess_tsv: Sequence[str], bench_tsv: Sequence[str], subjects: Sequence[str], methods: Sequence[str],
+                 *, per_subject_csv: str, table_md: str, not_installed: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Leave-one-stack-out means of acquired subjects (``gsvr assess``'s ``mean`` row) with the wall time
+    of the subject's full reconstruction; inputs ordered subject-major, method-minor."""
+    rows = []
+    pairs = [(s, m) for s in subjects for m in methods]
+    for (subject, method), at, bt in zip(pairs, assess_tsv, bench_tsv, strict=True):
+        table = pd.read_csv(at, sep="\t")
+        mean = table[table["stack"] == "mean"].iloc[0]
+        rows.append({"subject": subject, "method": method, "n_stacks": len(table) - 1,
+                     **{k: float(mean[k]) for k in ASSESS_METRICS if k != "time_s"}, "time_s": _bench_seconds(bt)})
+    df = pd.DataFrame(rows)
+    _write(df, methods, ASSESS_METRICS, per_subject_csv, table_md, not_installed)
     return df

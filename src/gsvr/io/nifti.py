@@ -183,6 +183,15 @@ def load_stacks(
     ]
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early (before any work) when ``path`` cannot be written."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise GsvrError(f"{path}: output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise GsvrError(f"{path}: output folder {parent} is not writable")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same extension); rename it onto ``path`` on success only."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -103,8 +105,7 @@ def preprocess_files(stacks: Sequence[str], masks: Sequence[str] | None, output_
     """Load, preprocess and write stacks and masks (each file written atomically; all inputs are
     checked before anything is written)."""
     from gsvr.io import load_stacks, save_volume
-    from gsvr.io.nifti import save_mask
-    from gsvr.recon.files import check_writable
+    from gsvr.io.nifti import check_writable, save_mask
 
     if len(output_stacks) != len(stacks) or len(output_masks) != len(stacks):
         raise GsvrError(f"{len(stacks)} stacks but {len(output_stacks)} output stacks and {len(output_masks)} output masks")
@@ -115,3 +116,14 @@ def preprocess_files(stacks: Sequence[str], masks: Sequence[str] | None, output_
         save_volume(ps, s.data, s.affine)
         save_mask(pm, s.mask, s.affine)
     return out
+
+
+def folder_stack_paths(folder: str | os.PathLike, n: int | None = None) -> tuple[list[str], list[str]]:
+    """Stack and mask paths of a folder of preprocessed stacks (``stack<k>.nii.gz``, ``stack<k>_mask.nii.gz``):
+    the ``n`` paths to write, or (``n`` None) those present, in stack order."""
+    folder = Path(folder)
+    if n is None:
+        n = len(list(folder.glob("stack*_mask.nii.gz")))
+        if n == 0:
+            raise GsvrError(f"{folder}: no preprocessed stacks (stack<k>.nii.gz with stack<k>_mask.nii.gz)")
+    return [str(folder / f"stack{k}.nii.gz") for k in range(n)], [str(folder / f"stack{k}_mask.nii.gz") for k in range(n)]

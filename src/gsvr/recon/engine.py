@@ -7,6 +7,7 @@ import itertools
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -133,6 +134,10 @@ def prepare_stacks(stacks: Sequence[Stack], cfg: ReconConfig) -> list[Stack]:
     from gsvr.preprocess import PreprocessConfig, preprocess_stacks
     from gsvr.preprocess.align import align_stacks
 
+    if len(stacks) == 1:
+        warnings.warn(f"{stacks[0].name}: a single stack cannot resolve its own through-plane detail or slice motion "
+                      "along its slice normal; the volume is a motion-corrected super-resolution of one stack "
+                      "(acquire at least 2, better 3 orthogonal stacks)", stacklevel=2)
     pre = PreprocessConfig(crop_margin_mm=cfg.crop_margin_mm, n4=cfg.n4_bias_correction, standardise=cfg.standardise_stacks)
     out = preprocess_stacks(stacks, pre, drop_empty_slices=False)
     if cfg.registration == "stack" and cfg.motion and len(out) > 1:

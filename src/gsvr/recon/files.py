@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Sequence
 
 from gsvr.errors import GsvrError
 from gsvr.io import load_stacks, save_volume
-from gsvr.io.nifti import atomic_output
+from gsvr.io.nifti import atomic_output, check_writable
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import Result, reconstruct
 from gsvr.recon.volume import save_model
@@ -23,16 +21,15 @@ def _classic(stacks, config, *, progress):
     return reconstruct_classic(stacks, config, progress=progress)
 
 
-#: Reconstruction methods by name: the Gaussian engine and the classical voxel-grid SVR baseline.
-METHODS = {"gsvr": reconstruct, "svr_classic": _classic}
+def _stack_average(stacks, config, *, progress):
+    from gsvr.baselines import reconstruct_stack_average
+
+    return reconstruct_stack_average(stacks, config, progress=progress)
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise GsvrError(f"{path}: output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise GsvrError(f"{path}: output folder {parent} is not writable")
+#: Reconstruction methods by name: the Gaussian engine, the classical voxel-grid SVR baseline and the
+#: average of the stacks resampled in header geometry (the floor).
+METHODS = {"gsvr": reconstruct, "svr_classic": _classic, "stack_average": _stack_average}
 
 
 def reconstruct_files(

@@ -74,12 +74,7 @@ def build_slice_data(stacks: Sequence[Stack], *, quantile: float, device: torch.
     x0, y, sid, grad, jit = [], [], [], [], []
     centre, axes, sigma, stack_of, slice_in = [], [], [], [], []
     for si, s in enumerate(stacks):
-        lin = s.affine[:3, :3]
-        ex = lin[:, 0] / np.linalg.norm(lin[:, 0])
-        normal = np.cross(lin[:, 0], lin[:, 1])
-        normal /= np.linalg.norm(normal)
-        ey = np.cross(normal, ex)
-        ax = np.stack([ex, ey, normal], axis=1)
+        ax = slice_axes(s.affine)
         sp = s.spacing_mm
         sig = psf_sigmas_mm((sp[0], sp[1]), s.thickness_mm)
         # Half footprint of a pixel: half spacing in-plane, half slice spacing through-plane.
@@ -122,6 +117,15 @@ def build_slice_data(stacks: Sequence[Stack], *, quantile: float, device: torch.
         intensity_scale=scale,
         stack_names=[s.name for s in stacks],
     )
+
+
+def slice_axes(affine: np.ndarray) -> np.ndarray:
+    """[3, 3] orthonormal slice frame of a stack (columns: in-plane x, in-plane y, unit normal)."""
+    lin = affine[:3, :3]
+    ex = lin[:, 0] / np.linalg.norm(lin[:, 0])
+    normal = np.cross(lin[:, 0], lin[:, 1])
+    normal /= np.linalg.norm(normal)
+    return np.stack([ex, np.cross(normal, ex), normal], axis=1)
 
 
 def _world(affine: np.ndarray, ijk: np.ndarray) -> np.ndarray:

@@ -56,7 +56,7 @@ class SvrState:
     grid: VoxelGrid
 
 
-class _Operator:
+class SliceOperator:
     """Acquisition of the chosen in-mask pixels for fixed motion (chunked)."""
 
     def __init__(self, data: SliceData, motion: SliceMotion, grid: VoxelGrid, s: SvrSettings, pixels: Tensor) -> None:
@@ -105,7 +105,7 @@ def super_resolve(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, gr
     """
     if pixels is None:
         pixels = torch.arange(data.n_pixels, device=data.x0.device)
-    op = _Operator(data, motion, grid, s, pixels)
+    op = SliceOperator(data, motion, grid, s, pixels)
     scale = torch.exp(motion.log_scale.detach())[op.sid]
     pixel_weight = pixel_weight[pixels]
     w = pixel_weight * scale.square()
@@ -327,7 +327,7 @@ def _fit_scales_and_residuals(vol: Tensor, grid: VoxelGrid, data: SliceData, mot
     returns every slice's mean absolute residual [M] (0 for slices not chosen)."""
     m = data.n_slices
     pixels = torch.nonzero(slices[data.slice_idx])[:, 0]
-    op = _Operator(data, motion, grid, s, pixels)
+    op = SliceOperator(data, motion, grid, s, pixels)
     pred = op.forward(vol)
     y = data.y[pixels]
     py = torch.zeros(m, device=y.device).index_add(0, op.sid, pred * y)
