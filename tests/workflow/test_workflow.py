@@ -45,3 +45,67 @@ def test_ablation_config_plans_every_row_of_gsvr_table_2():
     for method in ("gsvr_N10k", "gsvr_N80k", "gsvr_K10", "gsvr_K80", "gsvr_noAdaptiveInit", "gsvr_joint_noPSF", "gsvr_joint_noReg"):
         assert f"method={method}" in res.stdout, method
 
+
+
+def _write_tiny_cohort(root, small_subject):
+    """A 1.6 mm subject with ground truth, an 'acquired' subject of simulated stacks, and a config with
+    two tiny methods (seconds each)."""
+    import nibabel as nib
+    import pandas as pd
+    import yaml
+
+    from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
+
+    vol, mask, affine = small_subject
+    data = root / "data"
+    data.mkdir()
+    nib.save(nib.Nifti1Image(vol, affine), data / "gt.nii.gz")
+    nib.save(nib.Nifti1Image(mask.astype("uint8"), affine), data / "gt_mask.nii.gz")
+    sim_cfg = dict(n_stacks=3, inplane_spacing_mm=1.6, thickness_mm=4.0, obliquity_deg=5.0, motion_rotation_deg=3.0,
+                   motion_translation_mm=2.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11, seed=2)
+    acq = simulate_stacks(vol, mask, affine, SimulationConfig(**{**sim_cfg, "seed": 7}))
+    names = ["ax", "cor", "sag"]
+    for name, s in zip(names, acq.stacks):
+        nib.save(nib.Nifti1Image(s.data, s.affine), data / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image((s.mask > 0).astype("uint8"), s.affine), data / f"{name}_mask.nii.gz")
+    cfg_dir = root / "config"
+    cfg_dir.mkdir()
+    pd.DataFrame([{"subject": "tiny", "dataset": "test", "volume": "../data/gt.nii.gz", "mask": "../data/gt_mask.nii.gz"}]).to_csv(
+        cfg_dir / "subjects.tsv", sep="\t", index=False)
+    pd.DataFrame([{"subject": "acq", "dataset": "test", "stacks": " ".join(f"../data/{n}.nii.gz" for n in names),
+                   "masks": " ".join(f"../data/{n}_mask.nii.gz" for n in names), "thicknesses": "4 4 4"}]).to_csv(
+        cfg_dir / "acquired.tsv", sep="\t", index=False)
+    fast = dict(n_gaussians=4000, k_neighbors=16, output_resolution_mm=1.6, seed=0, svr_spacings_mm=[3.2, 3.2, 2.4])
+    config = {
+        "subjects": "config/subjects.tsv", "acquired": "config/acquired.tsv", "assess_methods": ["svr_classic"],
+        "simulation": sim_cfg, "preprocess": {"crop_margin_mm": 8.0, "n4": False, "standardise": True},
+        "methods": {"gsvr": fast, "svr_classic": {**fast, "engine": "svr_classic"},
+                    "stack_average": {"engine": "stack_average", "output_resolution_mm": 1.6},
+                    "nesvor": {"engine": "nesvor", "command": ["gsvr-test-no-such-program"]}},
+    }
+    (cfg_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_run_fills_the_tables_and_a_second_run_does_nothing(tmp_path, small_subject):
+    import numpy as np
+    import pandas as pd
+
+    _write_tiny_cohort(tmp_path, small_subject)
+    args = ("-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--cores", "2")
+    res = _snakemake(*args)
+    assert res.returncode == 0, res.stderr[-4000:]
+    quality = pd.read_csv(tmp_path / "results/tables/per_subject.csv")
+    assert sorted(zip(quality["subject"], quality["method"])) == [("tiny", "gsvr"), ("tiny", "stack_average"), ("tiny", "svr_classic")]
+    assert quality.set_index("method").loc["gsvr", "psnr"] > quality.set_index("method").loc["stack_average", "psnr"]
+    table = (tmp_path / "results/tables/quality.md").read_text()
+    assert "| nesvor | not installed (gsvr-test-no-such-program not found on PATH) |" in table
+    assert np.isfinite(quality[["psnr", "ssim", "ncc", "nrmse", "time_s"]].to_numpy()).all()
+    assess = pd.read_csv(tmp_path / "results/tables/assess_per_subject.csv")
+    assert list(zip(assess["subject"], assess["method"], assess["n_stacks"])) == [("acq", "svr_classic", 3)]
+    assert assess["ncc_slices"].iloc[0] > 0.8
+    for f in ("results/acq/gsvr/volume.nii.gz", "results/acq/svr_classic/slices.tsv", "results/tables/quality.md",
+              "results/tables/assess.md", "results/figures/tiny_triplanar.png", "results/figures/tiny_convergence.png"):
+        assert (tmp_path / f).is_file(), f
+    again = _snakemake(*args, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]

@@ -1,20 +1,108 @@
+import os
+import sys
+
 import pandas as pd
 from pathlib import Path
 from snakemake.utils import validate
 
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # gsvr from this checkout (also under --sdm conda)
+from gsvr.baselines.external import PROGRAMS, ExternalSettings, availability
+
 validate(config, "../schemas/config.schema.yaml")
 
+
+def _read_sheet(path, schema):
+    sheet = pd.read_csv(path, sep="\t", dtype=str, comment="#").set_index("subject", drop=False)
+    validate(sheet, schema)
+    return sheet
+
+
+def _resolve(sheet_path, value):
+    p = Path(value)
+    return str(p if p.is_absolute() else Path(sheet_path).parent / p)
+
+
+# Subjects with ground truth: stacks are simulated from their volumes; metrics against the volume.
 _sheet = Path(config["subjects"])
-SUBJECTS = pd.read_csv(_sheet, sep="\t", dtype=str, comment="#").set_index("subject", drop=False)
-validate(SUBJECTS, "../schemas/subjects.schema.yaml")
-METHODS = list(config["methods"])
+SUBJECTS = _read_sheet(_sheet, "../schemas/subjects.schema.yaml")
+# Acquired subjects: stacks, masks and thicknesses as given; no ground truth, so their chains report
+# leave-one-stack-out self-consistency (gsvr assess) instead of the ground-truth metrics.
+_acquired_sheet = Path(config["acquired"]) if config.get("acquired") else None
+ACQUIRED = (_read_sheet(_acquired_sheet, "../schemas/acquired.schema.yaml") if _acquired_sheet
+            else pd.DataFrame(columns=["subject", "dataset", "stacks", "masks", "thicknesses"]).set_index("subject", drop=False))
+# External tools (engine nesvor|svrtk|niftymic) that are not installed are left out of the chains and
+# listed in the tables as "not installed", with the reason.
+NOT_INSTALLED = {}
+for _m, _cfg in config["methods"].items():
+    if _cfg.get("engine") in PROGRAMS:
+        _why = availability(ExternalSettings.from_dict(_cfg, source=f"config methods.{_m}"))
+        if _why:
+            NOT_INSTALLED[_m] = _why
+METHODS = [m for m in config["methods"] if m not in NOT_INSTALLED]
+ASSESS_METHODS = [m for m in config.get("assess_methods", METHODS) if m not in NOT_INSTALLED]
+
+_both = sorted(set(SUBJECTS.index) & set(ACQUIRED.index))
+if _both:
+    raise ValueError(f"subject ids in both {_sheet} and {_acquired_sheet}: {', '.join(_both)}")
+_unknown = sorted(set(config.get("assess_methods", [])) - set(config["methods"]))
+if _unknown:
+    raise ValueError(f"assess_methods names methods not in methods: {', '.join(_unknown)}")
+
+
+def _words(subject, column):
+    value = ACQUIRED.loc[subject, column]
+    return [] if pd.isna(value) else str(value).split()
+
+
+for _s in ACQUIRED.index:
+    _n = len(_words(_s, "stacks"))
+    for _c in ("masks", "thicknesses"):
+        if _words(_s, _c) and len(_words(_s, _c)) != _n:
+            raise ValueError(f"{_acquired_sheet}: subject {_s} has {_n} stacks but {len(_words(_s, _c))} {_c}")
+    if not _words(_s, "masks"):
+        raise ValueError(f"{_acquired_sheet}: subject {_s} needs one brain mask per stack")
 
 
 def subject_path(column):
     """Path from the subject sheet, relative to the sheet's folder unless absolute."""
 
     def get(wildcards):
-        p = Path(SUBJECTS.loc[wildcards.subject, column])
-        return str(p if p.is_absolute() else _sheet.parent / p)
+        return _resolve(_sheet, SUBJECTS.loc[wildcards.subject, column])
 
     return get
+
+
+def acquired_paths(column):
+    """Space-separated paths of an acquired subject (stacks or masks), relative to the sheet unless absolute."""
+
+    def get(wildcards):
+        return [_resolve(_acquired_sheet, p) for p in _words(wildcards.subject, column)]
+
+    return get
+
+
+def thicknesses(wildcards):
+    """Slice thickness of each stack: the simulation protocol's, or the acquired sheet's (None: each
+    stack's slice spacing)."""
+    if wildcards.subject not in ACQUIRED.index:
+        return [float(config["simulation"]["thickness_mm"])] * int(config["simulation"]["n_stacks"])
+    values = [float(v) for v in _words(wildcards.subject, "thicknesses")]
+    return values or None
+
+
+def preprocessed(wildcards):
+    """The preprocessed stacks of a subject: files for a simulated subject, a folder for an acquired one."""
+    if wildcards.subject in ACQUIRED.index:
+        return {"stacks": f"results/{wildcards.subject}/pre_acquired"}
+    n = range(int(config["simulation"]["n_stacks"]))
+    return {"stacks": [f"results/{wildcards.subject}/pre/stack{k}.nii.gz" for k in n],
+            "masks": [f"results/{wildcards.subject}/pre/stack{k}_mask.nii.gz" for k in n]}
+
+
+
+# Jobs import gsvr from this checkout: under `--sdm conda` the environments (envs/*.yaml) hold only
+# the third-party packages; with the pip install it is the same code. The workflow sets the variable
+# for its jobs (it requires nothing from the user, hence no envvars directive).
+_src = str(Path(workflow.basedir) / "src")
+_path = [p for p in dict(os.environ).get("PYTHONPATH", "").split(os.pathsep) if p and p != _src]
+os.environ.update(PYTHONPATH=os.pathsep.join([_src] + _path))

@@ -10,6 +10,8 @@ rule evaluate:
     benchmark:
         "benchmarks/{subject}/{method}/evaluate.tsv"
     threads: 1
+    conda:
+        "../../envs/evaluate.yaml"
     script:
         "../scripts/evaluate.py"
 
@@ -22,9 +24,34 @@ rule aggregate:
         per_subject=report("results/tables/per_subject.csv", caption="../report/quality.rst", category="Tables"),
         table="results/tables/quality.md",
     params:
+        kind="quality",
         subjects=list(SUBJECTS.index),
         methods=METHODS,
+        not_installed=NOT_INSTALLED,
     log:
         "logs/aggregate.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    script:
+        "../scripts/aggregate.py"
+
+
+# Acquired subjects (no ground truth): the leave-one-stack-out table.
+rule aggregate_assess:
+    input:
+        metrics=expand("results/{subject}/{method}/assess.tsv", subject=ACQUIRED.index, method=ASSESS_METHODS),
+        times=expand("benchmarks/{subject}/{method}/reconstruct.tsv", subject=ACQUIRED.index, method=ASSESS_METHODS),
+    output:
+        per_subject=report("results/tables/assess_per_subject.csv", caption="../report/assess.rst", category="Tables"),
+        table="results/tables/assess.md",
+    params:
+        kind="assess",
+        subjects=list(ACQUIRED.index),
+        methods=ASSESS_METHODS,
+        not_installed={m: w for m, w in NOT_INSTALLED.items() if m in config.get("assess_methods", config["methods"])},
+    log:
+        "logs/aggregate_assess.log",
+    conda:
+        "../../envs/evaluate.yaml"
     script:
         "../scripts/aggregate.py"

@@ -23,5 +23,7 @@ rule figures:
     log:
         "logs/{subject}/figures.log",
     threads: 1
+    conda:
+        "../../envs/evaluate.yaml"
     script:
         "../scripts/figures.py"

@@ -12,5 +12,28 @@ rule preprocess:
     benchmark:
         "benchmarks/{subject}/preprocess.tsv"
     threads: 1
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/preprocess.py"
+
+
+# Acquired subjects have their own number of stacks: the outputs are a folder of stack<k>.nii.gz
+# and stack<k>_mask.nii.gz, in the sheet's order.
+rule preprocess_acquired:
+    input:
+        stacks=acquired_paths("stacks"),
+        masks=acquired_paths("masks"),
+    output:
+        directory("results/{subject}/pre_acquired"),
+    params:
+        pre=config["preprocess"],
+    log:
+        "logs/{subject}/preprocess.log",
+    benchmark:
+        "benchmarks/{subject}/preprocess.tsv"
+    threads: 1
+    conda:
+        "../../envs/preprocess.yaml"
     script:
         "../scripts/preprocess.py"

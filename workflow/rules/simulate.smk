@@ -16,6 +16,8 @@ rule simulate:
     benchmark:
         "benchmarks/{subject}/simulate.tsv"
     threads: 1
+    conda:
+        "../../envs/recon.yaml"
     script:
         "../scripts/simulate.py"
 
