@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gsvr: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gsvr: interrupted; no output written", file=sys.stderr)
+        ck = getattr(args, "checkpoint", None)
+        hint = f"; continue with --resume --checkpoint {ck}" if ck and Path(ck).is_file() else ""
+        print(f"gsvr: interrupted; no output written{hint}", file=sys.stderr)
         return 130
 
 
@@ -38,11 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reconstruct", help="reconstruct a volume from motion-corrupted stacks (Gaussian engine)")
     _add_reconstruction_flags(r)
     r.add_argument("--output-model", metavar="PT", help="save Gaussians and motions for sample-volume")
+    r.add_argument("--checkpoint", metavar="PT", help="write checkpoints here while running (removed on success)")
+    r.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists (same result as an uninterrupted run)")
     r.set_defaults(func=_reconstruct, method="gsvr")
 
     c = sub.add_parser("svr", help="classical voxel-grid SVR (the svr_classic baseline), same inputs as reconstruct")
     _add_reconstruction_flags(c)
-    c.set_defaults(func=_reconstruct, method="svr_classic", output_model=None)
+    c.set_defaults(func=_reconstruct, method="svr_classic", output_model=None, checkpoint=None, resume=False)
 
     a = sub.add_parser("assess", help="leave-one-stack-out self-consistency (data without ground truth)")
     _add_input_flags(a)
@@ -130,6 +134,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         args.input_stacks, args.stack_masks, args.thicknesses, _recon_config(args),
         output_volume=args.output_volume, output_slices_tsv=args.output_slices_tsv, output_model=args.output_model,
         output_log=args.output_log, progress=not args.no_progress, method=args.method,
+        checkpoint=args.checkpoint, resume=args.resume,
     )
     return 0
 

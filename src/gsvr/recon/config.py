@@ -28,6 +28,9 @@ class ReconConfig:
     chunk_pixels: int = 8_192  #: pixels per forward/backward chunk (bounds memory)
     knn_every: int = 50  #: steps between neighbour-index rebuilds
     knn_backend: str = "auto"  #: "auto", "kdtree", "faiss" or "torch"
+    #: steps between checkpoints of the fit and joint stages when checkpointing (rounded up to a multiple
+    #: of knn_every; SVR cycles are checkpointed after each cycle; 0: cycles only)
+    checkpoint_every: int = 50
     lr_means: float = 2.5e-2
     lr_scales: float = 2.5e-2
     lr_quats: float = 1e-2
@@ -88,7 +91,8 @@ class ReconConfig:
                 raise GsvrError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.svr_spacings_mm or any(not isinstance(v, (int, float)) or v <= 0 for v in self.svr_spacings_mm):
             raise GsvrError(f"config: svr_spacings_mm must be a non-empty list of positive spacings, got {self.svr_spacings_mm!r}")
-        for name in ("iterations", "init_fit_steps", "svr_translation_only_cycles", "svr_registration_steps", "svr_cg_iterations"):
+        for name in ("iterations", "init_fit_steps", "svr_translation_only_cycles", "svr_registration_steps", "svr_cg_iterations",
+                     "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise GsvrError(f"config: {name} must be >= 0, got {getattr(self, name)}")
         for name in ("n_gaussians", "k_neighbors", "chunk_pixels", "knn_every", "weight_every", "step_size"):

@@ -22,7 +22,9 @@ from gsvr.io.nifti import Stack
 from gsvr.model.field import GaussianField, content_adaptive_init
 from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables, pair_tables, unique_pairs
 from gsvr.ops.knn import knn
+from gsvr.recon.checkpoint import Checkpointer, fingerprint
 from gsvr.recon.config import ReconConfig
+from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.svr import SvrState, support_mask, svr_cycles
 from gsvr.recon.slices import SliceData, SliceMotion, build_slice_data, transform_points
 from gsvr.recon.volume import SampledVolume, sample_volume
@@ -82,16 +84,23 @@ class _Neighbours:
         self.pair_slice, self.pair_gauss, self.nbr_pair = unique_pairs(sid, nbr, means.shape[0])
 
 
-def reconstruct(stacks: Sequence[Stack], config: ReconConfig | None = None, *, progress: bool = True) -> Result:
+def reconstruct(stacks: Sequence[Stack], config: ReconConfig | None = None, *, progress: bool = True,
+                checkpoint: str | None = None, resume: bool = False) -> Result:
     """Reconstruct a volume from motion-corrupted stacks (bit-reproducible for a seed on CPU).
 
     Args:
         stacks: loaded stacks with masks and thicknesses (see :func:`gsvr.io.load_stacks`).
         config: settings; defaults when None.
         progress: show a tqdm progress bar.
+        checkpoint: write checkpoints to this file (see :mod:`gsvr.recon.checkpoint`); removed on success.
+        resume: continue from ``checkpoint`` when it exists (same result as an uninterrupted run).
     """
+    cfg = config or ReconConfig()
+    ck = Checkpointer(checkpoint, cfg.checkpoint_every, cfg.knn_every, resume=resume)
     with deterministic():
-        return _reconstruct(stacks, config or ReconConfig(), progress)
+        result = _reconstruct(stacks, cfg, progress, ck)
+    ck.finish()
+    return result
 
 
 @contextlib.contextmanager
@@ -165,10 +174,11 @@ def _check_overlap(stacks: Sequence[Stack]) -> None:
                             "(wrong header, wrong mask, or a stack of another subject; --registration stack aligns turned stacks)")
 
 
-def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Result:
+def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: Checkpointer) -> Result:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     stacks = prepare_stacks(stacks, cfg)
+    ck.check(fingerprint(stacks, cfg.to_dict()))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = build_slice_data(stacks, quantile=cfg.normalize_quantile, device=device)
@@ -181,27 +191,71 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> R
     weights = torch.ones(data.n_slices, device=device)
     history: list[tuple] = []
     bar = tqdm(total=_total_steps(cfg), desc="gsvr", unit="it", disable=not progress, dynamic_ncols=True)
+    loaded = ck.loaded
+    if loaded is not None:  # every checkpoint carries the state shared by all stages
+        motion.load_state_dict(loaded["motion"])
+        weights = loaded["weights"].to(device)
+        history[:] = loaded["history"]
+        gen.set_state(loaded["gen"])
+        torch.set_rng_state(loaded["torch_rng"])
+        t_start -= loaded["elapsed_s"]
+        bar.update(len(history))
 
-    if cfg.motion and cfg.init_motion == "svr":
+    def save(stage: str, step: int, **extra) -> None:
+        ck.save(stage, step, motion=motion.state_dict(), weights=weights, history=list(history), gen=gen.get_state(),
+                elapsed_s=time.perf_counter() - t_start, **extra)
+
+    svr = None
+    if cfg.motion and cfg.init_motion == "svr" and not ck.skips("svr"):
         # Classical SVR cycles on a voxel grid bring the slices close before the joint optimisation,
         # whose local gradients alone let the field absorb misalignment (see recon/svr.py).
         tick = svr_progress(bar, history, t_start, len(cfg.svr_spacings_mm))
-        svr, weights = svr_cycles(data, motion, cfg.svr_settings(), progress=tick,
-                                  weight_fn=lambda r: _robust_slice_weights(r, cfg) if cfg.slice_weights else torch.ones_like(r))
-    else:
-        svr = None
 
-    if svr is not None and cfg.init_from_svr:
+        def cycle_done(cycles: int, w: Tensor) -> None:
+            nonlocal weights
+            weights = w
+            save("svr", cycles)
+
+        state = ck.resumes("svr")
+        svr, weights = svr_cycles(data, motion, cfg.svr_settings(), progress=tick, on_cycle=cycle_done,
+                                  start_cycle=state["step"] if state else 0, weights=weights,
+                                  weight_fn=lambda r: _robust_slice_weights(r, cfg) if cfg.slice_weights else torch.ones_like(r))
+    elif ck.resumes("fit"):
+        state = ck.resumes("fit")
+        svr = SvrState(state["svr_volume"].to(device), VoxelGrid(*state["svr_grid"]))
+
+    if ck.skips("fit"):
+        field_ = GaussianField.from_state(ck.loaded["field"], device)
+    elif svr is not None and cfg.init_from_svr:
         with torch.no_grad():
             x_now = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
         covered = support_mask(svr.grid, x_now, _support_radius(stacks))
-        field_ = _init_field_from_volume(svr, covered, cfg, gen, n=n_gauss, k=k)
-        _fit_to_volume(field_, svr, covered, cfg, bar, k=k, history=history, t_start=t_start)
+        state = ck.resumes("fit")
+        if state:
+            field_ = GaussianField.from_state(state["field"], device)
+        else:
+            field_ = _init_field_from_volume(svr, covered, cfg, gen, n=n_gauss, k=k)
+        grid = svr.grid
+        save_fit = lambda step, opt: save("fit", step, field=field_.state(), optimizer=opt.state_dict(),
+                                          svr_volume=svr.volume.cpu(), svr_grid=(grid.corner_mm, grid.spacing_mm, grid.shape))
+        _fit_to_volume(field_, svr, covered, cfg, bar, k=k, history=history, t_start=t_start,
+                       start=state["step"] if state else 0, optimizer_state=state["optimizer"] if state else None,
+                       checkpoint=lambda step, opt: save_fit(step, opt) if ck.due(step) else None)
     else:
         field_ = _init_field(data, cfg, gen, n=n_gauss, adaptive=cfg.init_adaptive,
                              scale_bounds=(cfg.init_scale_min_mm, cfg.init_scale_max_mm), motion=motion, k=k)
+    state = ck.resumes("joint")
+
+    def save_joint(step: int, w: Tensor, opt, sched, res: Tensor) -> None:
+        nonlocal weights
+        weights = w
+        if ck.due(step):
+            save("joint", step, field=field_.state(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                 slice_abs_res=res)
+
     weights = _run_phase(field_, motion, data, cfg, gen, weights, history, bar, k=k, steps=cfg.iterations,
-                         train_field=True, train_motion=cfg.motion, t_start=t_start, warmup=cfg.motion_warmup)
+                         train_field=True, train_motion=cfg.motion, t_start=t_start, warmup=cfg.motion_warmup,
+                         resume=state, checkpoint=save_joint)
     bar.close()
 
     with torch.no_grad():
@@ -259,7 +313,8 @@ def _init_field_from_volume(svr: SvrState, covered: Tensor, cfg: ReconConfig, ge
 
 
 def _fit_to_volume(field_: GaussianField, svr: SvrState, covered: Tensor, cfg: ReconConfig, bar, *, k: int,
-                   history: list | None = None, t_start: float = 0.0) -> None:
+                   history: list | None = None, t_start: float = 0.0, start: int = 0, optimizer_state: dict | None = None,
+                   checkpoint=None) -> None:
     """Fit all Gaussian parameters to the SVR volume at its ``covered`` voxels (L1, Adam, full batch).
 
     The sampled initialisation reproduces the volume only roughly (GA23 severe: 23.5 dB); 100
@@ -271,8 +326,10 @@ def _fit_to_volume(field_: GaussianField, svr: SvrState, covered: Tensor, cfg: R
     target = svr.volume[covered]
     k = min(k, field_.n)
     optimizer = torch.optim.Adam(_field_groups(field_, cfg))
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     ids = torch.arange(field_.n, device=pts.device)
-    for it in range(cfg.init_fit_steps):
+    for it in range(start, cfg.init_fit_steps):
         if it % cfg.knn_every == 0:
             nbr = knn(field_.means.detach(), pts, k, backend=cfg.knn_backend)
         optimizer.zero_grad(set_to_none=True)
@@ -293,12 +350,17 @@ def _fit_to_volume(field_: GaussianField, svr: SvrState, covered: Tensor, cfg: R
             _record(history, "fit", t_start, loss_value)
         bar.update(1)
         bar.set_postfix_str(f"fit to SVR volume, loss {loss_value:.4f}")
+        if checkpoint is not None and it + 1 < cfg.init_fit_steps:
+            checkpoint(it + 1, optimizer)
 
 
 def _run_phase(field_: GaussianField, motion: SliceMotion, data: SliceData, cfg: ReconConfig, gen: torch.Generator,
                weights: Tensor, history: list, bar, *, k: int, steps: int, train_field: bool, train_motion: bool,
-               t_start: float, warmup: int = 0) -> Tensor:
-    """Optimise the chosen parameter groups for ``steps`` steps; returns the slice weights."""
+               t_start: float, warmup: int = 0, resume: dict | None = None, checkpoint=None) -> Tensor:
+    """Optimise the chosen parameter groups for ``steps`` steps; returns the slice weights.
+
+    ``resume``: a joint-stage checkpoint to continue from; ``checkpoint(step, weights, optimizer,
+    scheduler, slice_abs_res)`` is called after each step but the last."""
     groups = []
     if train_field:
         groups += _field_groups(field_, cfg) + [{"params": [motion.log_scale], "lr": cfg.lr_slice_scale}]
@@ -314,7 +376,13 @@ def _run_phase(field_: GaussianField, motion: SliceMotion, data: SliceData, cfg:
     k = min(k, field_.n)
     slice_count = torch.bincount(data.slice_idx, minlength=data.n_slices).float()
     slice_abs_res = torch.zeros(data.n_slices, device=data.x0.device)
-    for it in range(steps):
+    start = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        slice_abs_res = resume["slice_abs_res"].to(data.x0.device)
+        start = resume["step"]
+    for it in range(start, steps):
         if it % cfg.knn_every == 0:
             with torch.no_grad():
                 x_now = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
@@ -332,6 +400,8 @@ def _run_phase(field_: GaussianField, motion: SliceMotion, data: SliceData, cfg:
         _record(history, "joint", t_start, loss_value)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
+        if checkpoint is not None and it + 1 < steps:
+            checkpoint(it + 1, weights, optimizer, scheduler, slice_abs_res)
     return weights
 
 

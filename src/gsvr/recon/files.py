@@ -44,15 +44,22 @@ def reconstruct_files(
     output_log: str | None = None,
     progress: bool = True,
     method: str = "gsvr",
+    checkpoint: str | None = None,
+    resume: bool = False,
 ) -> Result:
     """Load stacks, reconstruct with ``method`` ("gsvr" or "svr_classic"), write every requested output (each atomically)."""
     if method not in METHODS:
         raise GsvrError(f"unknown method {method!r}; known: {sorted(METHODS)}")
     if method != "gsvr" and output_model:
         raise GsvrError(f"{output_model}: method {method} has no Gaussian model to save")
+    if method != "gsvr" and (checkpoint or resume):
+        raise GsvrError(f"method {method} does not write checkpoints (only gsvr does)")
+    if checkpoint:
+        check_writable(checkpoint)
     for out in filter(None, (output_volume, output_slices_tsv, output_model, output_log)):
         check_writable(out)
-    result = METHODS[method](load_stacks(stacks, masks, thicknesses), config, progress=progress)
+    extra = {"checkpoint": checkpoint, "resume": resume} if method == "gsvr" else {}
+    result = METHODS[method](load_stacks(stacks, masks, thicknesses), config, progress=progress, **extra)
     save_volume(output_volume, result.volume.data, result.volume.affine)
     if output_slices_tsv:
         with atomic_output(output_slices_tsv) as tmp:

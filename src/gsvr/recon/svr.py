@@ -249,7 +249,8 @@ def slice_ncc(pred: Tensor, y: Tensor, sid: Tensor, m: int) -> Tensor:
     return cov / (mean(pc * pc) * mean(yc * yc)).clamp_min(1e-12).sqrt()
 
 
-def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_fn, progress=None) -> tuple[SvrState, Tensor]:
+def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_fn, progress=None, start_cycle: int = 0,
+               weights: Tensor | None = None, on_cycle=None) -> tuple[SvrState, Tensor]:
     """Run the coarse-to-fine cycles, updating ``motion`` in place; returns the final volume and slice weights.
 
     With ``leave_one_out`` (and at least two stacks) the slices of each stack are registered to a
@@ -260,13 +261,17 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
     Args:
         weight_fn: maps the per-slice mean absolute residual [M] to slice weights [M].
         progress: optional callable(cycle, median_ncc) told when each cycle ends.
+        start_cycle, weights: resume after ``start_cycle`` cycles, with the slice weights they left.
+        on_cycle: optional callable(cycles_done, weights) after each cycle (checkpoints).
     """
     dev = data.x0.device
     stack_of = torch.as_tensor(data.stack_of_slice, device=dev)
     stacks = torch.unique(stack_of)
     loo = s.leave_one_out and len(stacks) > 1
-    weights = torch.ones(data.n_slices, device=dev)
+    weights = torch.ones(data.n_slices, device=dev) if weights is None else weights
     for cycle, spacing in enumerate(s.spacings_mm):
+        if cycle < start_cycle:
+            continue
         grid = _grid(data, motion, spacing, s.margin_mm)
         mean_res = torch.zeros(data.n_slices, device=dev)
         ncc = torch.zeros(data.n_slices, device=dev)
@@ -283,6 +288,8 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
         log.info("svr cycle %d (%.1f mm): median slice NCC %.3f", cycle + 1, spacing, float(ncc.median()))
         if progress is not None:
             progress(cycle, float(ncc.median()))
+        if on_cycle is not None:
+            on_cycle(cycle + 1, weights)
     grid = _grid(data, motion, s.spacings_mm[-1], s.margin_mm)
     vol = super_resolve(data, motion, weights[data.slice_idx], grid, s)
     return SvrState(vol, grid), weights
