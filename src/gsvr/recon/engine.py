@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import logging
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -114,6 +115,16 @@ def deterministic():
         torch.use_deterministic_algorithms(previous)
 
 
+def _log_peak_memory(after: str) -> None:
+    """Peak resident memory of the process so far (a memory report names the stage that set it)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 ** 2 if sys.platform != "darwin" else 1024 ** 3)
+    log.info("after %s: peak resident memory %.2f GB", after, peak)
+
+
 def _record(history: list, stage: str, t_start: float, value: float) -> None:
     """Append one row of the per-step log (``HISTORY_COLUMNS``)."""
     history.append((len(history) + 1, stage, time.perf_counter() - t_start, value, STAGE_MEASURES[stage]))
@@ -220,6 +231,7 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
         svr, weights = svr_cycles(data, motion, cfg.svr_settings(), progress=tick, on_cycle=cycle_done,
                                   start_cycle=state["step"] if state else 0, weights=weights,
                                   weight_fn=lambda r: _robust_slice_weights(r, cfg) if cfg.slice_weights else torch.ones_like(r))
+        _log_peak_memory("the SVR cycles")
     elif ck.resumes("fit"):
         state = ck.resumes("fit")
         svr = SvrState(state["svr_volume"].to(device), VoxelGrid(*state["svr_grid"]))
@@ -241,6 +253,7 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
         _fit_to_volume(field_, svr, covered, cfg, bar, k=k, history=history, t_start=t_start,
                        start=state["step"] if state else 0, optimizer_state=state["optimizer"] if state else None,
                        checkpoint=lambda step, opt: save_fit(step, opt) if ck.due(step) else None)
+        _log_peak_memory("the fit to the SVR volume")
     else:
         field_ = _init_field(data, cfg, gen, n=n_gauss, adaptive=cfg.init_adaptive,
                              scale_bounds=(cfg.init_scale_min_mm, cfg.init_scale_max_mm), motion=motion, k=k)
@@ -256,6 +269,8 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
     weights = _run_phase(field_, motion, data, cfg, gen, weights, history, bar, k=k, steps=cfg.iterations,
                          train_field=True, train_motion=cfg.motion, t_start=t_start, warmup=cfg.motion_warmup,
                          resume=state, checkpoint=save_joint)
+    if cfg.iterations:
+        _log_peak_memory("the joint optimisation")
     bar.close()
 
     with torch.no_grad():
@@ -272,6 +287,7 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
                    "log_scale": motion.log_scale.detach().cpu(), "centre": data.centre.cpu()},
     }
     volume = sample_volume(model, resolution_mm=cfg.output_resolution_mm, device=device)
+    _log_peak_memory("sampling the volume")
     slices = _slice_table(data, motion, weights, stacks)
     elapsed = time.perf_counter() - t_start
     return Result(volume=volume, slices=slices, history=pd.DataFrame(history, columns=HISTORY_COLUMNS),

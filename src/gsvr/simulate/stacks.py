@@ -32,12 +32,14 @@ class SimulationConfig:
     thickness_mm: float = 3.0
     slice_spacing_mm: float | None = None  #: None = thickness (no gap)
     obliquity_deg: float = 0.0  #: each stack rotated by U(-a, a) per axis from orthogonal
-    stack_rotation_deg: float = 0.0  #: extra rotation of each whole stack (inter-stack head rotation)
+    stack_rotation_deg: float = 0.0  #: head turn between stacks: each stack's anatomy rotated U(-a, a) per axis, not in the header
     motion_rotation_deg: float = 6.0  #: per-slice rotation U(-a, a) per axis
     motion_translation_mm: float = 4.0  #: per-slice translation U(-d, d) per axis
     noise_level: float = 0.02  #: Rician noise sigma as a fraction of the 99th in-mask percentile
     corrupted_fraction: float = 0.0  #: fraction of slices corrupted (signal void or x0.3)
     fov_margin_mm: float = 8.0  #: field of view beyond the brain's bounding sphere
+    inplane_fov_mm: float | None = None  #: in-plane field of view (None: the bounding sphere plus margin)
+    n_slices: int | None = None  #: slices per stack, centred on the brain (None: cover the bounding sphere plus margin)
     through_plane_samples: int = 25
     seed: int = 0
 
@@ -99,12 +101,15 @@ def simulate_stacks(volume: np.ndarray, mask: np.ndarray, affine: np.ndarray, cf
     offsets = torch.tensor(offsets, dtype=torch.float64)  # [S, 3] slice frame, mm
     weights = torch.tensor(weights, dtype=torch.float32)  # [S]
 
-    n_xy = int(np.ceil(2 * radius / cfg.inplane_spacing_mm))
-    n_z = int(np.ceil(2 * radius / spacing_z))
+    n_xy = int(np.ceil((cfg.inplane_fov_mm or 2 * radius) / cfg.inplane_spacing_mm))
+    n_z = cfg.n_slices or int(np.ceil(2 * radius / spacing_z))
     stacks, rows = [], []
     for k in range(cfg.n_stacks):
         rot = _orientation(k)
-        tilt = Rotation.from_euler("xyz", rng.uniform(-1, 1, 3) * cfg.obliquity_deg + rng.uniform(-1, 1, 3) * cfg.stack_rotation_deg, degrees=True).as_matrix()
+        tilt = Rotation.from_euler("xyz", rng.uniform(-1, 1, 3) * cfg.obliquity_deg, degrees=True).as_matrix()
+        # The head turned between stacks: the anatomy of the whole stack is rotated about the brain
+        # centre and the header does not know it (unlike the obliquity, which the header records).
+        head = Rotation.from_euler("xyz", rng.uniform(-1, 1, 3) * cfg.stack_rotation_deg, degrees=True)
         rot = tilt @ rot
         lin = rot * np.array([cfg.inplane_spacing_mm, cfg.inplane_spacing_mm, spacing_z])
         grid_centre = np.array([(n_xy - 1) / 2, (n_xy - 1) / 2, (n_z - 1) / 2])
@@ -117,9 +122,10 @@ def simulate_stacks(volume: np.ndarray, mask: np.ndarray, affine: np.ndarray, cf
         n_corrupt = int(round(cfg.corrupted_fraction * n_z))
         corrupt = set(rng.choice(n_z, n_corrupt, replace=False).tolist()) if n_corrupt else set()
         for z in range(n_z):
-            euler = rng.uniform(-1, 1, 3) * cfg.motion_rotation_deg
+            motion = Rotation.from_euler("xyz", rng.uniform(-1, 1, 3) * cfg.motion_rotation_deg, degrees=True) * head
             shift = rng.uniform(-1, 1, 3) * cfg.motion_translation_mm
-            r_m = Rotation.from_euler("xyz", euler, degrees=True).as_matrix()
+            r_m = motion.as_matrix()
+            euler = motion.as_euler("xyz", degrees=True)  # the true motion: slice motion after the head turn
             ijk = np.concatenate([ij, np.full((len(ij), 1), z)], 1)
             nominal = ijk @ lin.T + stack_aff[:3, 3]
             moved = (nominal - centre) @ r_m.T + centre + shift  # [P, 3]
