@@ -10,6 +10,7 @@ corrupted slices, masks saved with a header shifted by 0.05 mm. memory: the same
 Prints PSNR/SSIM (the project's protocol), wall time and peak RSS, and the machine.
 
     python bench/realistic.py [--subjects GA23] [--cases clean realistic memory] [--registration none stack]
+                              [--keep DIR [--simulate-only]]   (keep the simulated stacks, e.g. for gsvr assess)
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--registration", nargs="+", default=["none", "stack"])
     p.add_argument("--atlas", default=str(ATLAS))
+    p.add_argument("--keep", metavar="DIR", help="write the simulations here (kept) instead of a temporary folder")
+    p.add_argument("--simulate-only", action="store_true", help="write the simulations (with --keep) and stop")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sim", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -110,7 +113,8 @@ def main() -> None:
           f"python {platform.python_version()}, torch {torch.__version__}, cuda {torch.cuda.is_available()}")
     print("| subject | case | registration | stacks | stack shape | PSNR | SSIM | NCC | wall s | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
         for subject in args.subjects:
             vol, aff = load_image(Path(args.atlas) / subject / "srr.nii.gz")
             mask, _ = load_image(Path(args.atlas) / subject / "mask.nii.gz")
@@ -128,6 +132,9 @@ def main() -> None:
                     a = img.affine.copy()
                     a[:3, 3] += 0.05
                     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), a), mpath)
+                if args.simulate_only:
+                    print(f"# {subject} {case}: {len(sim.stacks)} stacks in {sim_dir}", flush=True)
+                    continue
                 regs = ["none"] if case == "memory" else args.registration
                 for reg in regs:
                     out = sim_dir / f"rec_{reg}.nii.gz"
