@@ -23,9 +23,9 @@ from gsvr.io.nifti import Stack
 from gsvr.model.field import GaussianField, content_adaptive_init
 from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables, pair_tables, unique_pairs
 from gsvr.ops.knn import knn
+from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.checkpoint import Checkpointer, fingerprint
 from gsvr.recon.config import ReconConfig
-from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.svr import SvrState, support_mask, svr_cycles
 from gsvr.recon.slices import SliceData, SliceMotion, build_slice_data, transform_points
 from gsvr.recon.volume import SampledVolume, sample_volume
@@ -189,7 +189,8 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     stacks = prepare_stacks(stacks, cfg)
-    ck.check(fingerprint(stacks, cfg.to_dict()))
+    if ck.active:  # hashing the stacks costs time; only checkpointed runs need it
+        ck.check(fingerprint(stacks, cfg.to_dict()))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = build_slice_data(stacks, quantile=cfg.normalize_quantile, device=device)
@@ -232,9 +233,8 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
                                   start_cycle=state["step"] if state else 0, weights=weights,
                                   weight_fn=lambda r: _robust_slice_weights(r, cfg) if cfg.slice_weights else torch.ones_like(r))
         _log_peak_memory("the SVR cycles")
-    elif ck.resumes("fit"):
-        state = ck.resumes("fit")
-        svr = SvrState(state["svr_volume"].to(device), VoxelGrid(*state["svr_grid"]))
+    elif fit_state := ck.resumes("fit"):
+        svr = SvrState(fit_state["svr_volume"].to(device), VoxelGrid(*fit_state["svr_grid"]))
 
     if ck.skips("fit"):
         field_ = GaussianField.from_state(ck.loaded["field"], device)
@@ -242,7 +242,7 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
         with torch.no_grad():
             x_now = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
         covered = support_mask(svr.grid, x_now, _support_radius(stacks))
-        state = ck.resumes("fit")
+        state = ck.resumes("fit")  # None unless resuming inside the fit
         if state:
             field_ = GaussianField.from_state(state["field"], device)
         else:
@@ -354,8 +354,8 @@ def _fit_to_volume(field_: GaussianField, svr: SvrState, covered: Tensor, cfg: R
         packed = pack_tables(tables)
         leaf = packed.detach().requires_grad_(True)
         loss_value = 0.0
-        for start in range(0, len(pts), cfg.chunk_pixels):
-            sel = slice(start, start + cfg.chunk_pixels)
+        for lo in range(0, len(pts), cfg.chunk_pixels):
+            sel = slice(lo, lo + cfg.chunk_pixels)
             pred = gaussian_sum_packed(pts[sel], nbr[sel], leaf, mode=cfg.render_mode, delta=cfg.delta)
             loss = (pred - target[sel]).abs().sum() / len(pts)
             loss.backward()
