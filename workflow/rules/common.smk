@@ -47,6 +47,9 @@ if _both:
 _unknown = sorted(set(config.get("assess_methods", [])) - set(config["methods"]))
 if _unknown:
     raise ValueError(f"assess_methods names methods not in methods: {', '.join(_unknown)}")
+_external = sorted(m for m in config.get("assess_methods", []) if config["methods"][m].get("engine") in PROGRAMS)
+if _external:
+    raise ValueError(f"assess_methods: gsvr assess reconstructs with gsvr's own methods only, not {', '.join(_external)}")
 
 
 def _words(subject, column):
