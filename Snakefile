@@ -1,5 +1,5 @@
 # gsvr workflow: per subject with ground truth, simulate stacks -> preprocess -> reconstruct with each method ->
-# evaluate -> tables and figures; per acquired subject, preprocess -> reconstruct -> leave-one-stack-out assessment.
+# evaluate (intensities; segmentation where the sheet gives labels) -> tables and figures; per acquired subject, preprocess -> reconstruct -> leave-one-stack-out assessment.
 from snakemake.utils import min_version
 
 min_version("8.20")
@@ -17,6 +17,7 @@ include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/reconstruct.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/segment.smk"
 
 
 rule all:
@@ -25,5 +26,6 @@ rule all:
         expand("results/{subject}/{method}/{file}", subject=SUBJECTS.index, method=METHODS, file=("volume.nii.gz", "metrics.json")),
         expand("results/figures/{subject}_{kind}.png", subject=SUBJECTS.index, kind=("triplanar", "convergence")),
         ["results/tables/quality.md"] if len(SUBJECTS) else [],
+        ["results/tables/segmentation.md"] if SEGMENTED else [],
         expand("results/{subject}/{method}/volume.nii.gz", subject=ACQUIRED.index, method=METHODS),
         ["results/tables/assess.md"] if len(ACQUIRED) and ASSESS_METHODS else [],

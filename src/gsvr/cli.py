@@ -87,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--no-standardise", action="store_true", help="keep each stack's intensity scale")
     q.set_defaults(func=_preprocess)
 
+    g = sub.add_parser("segment", help="segment a volume into the FeTA structures (multi-atlas, or a trained nnU-Net)")
+    g.add_argument("--input-volume", required=True, metavar="NII")
+    g.add_argument("--output-labels", required=True, metavar="NII")
+    g.add_argument("--atlas", nargs="+", default=[], metavar="DIR",
+                   help="atlas folders, each with srr.nii.gz and parcellation.nii.gz (e.g. data/atlases/GA22)")
+    g.add_argument("--registration-spacing", type=float, default=1.6, metavar="MM", help="spacing the atlas registrations run at")
+    g.add_argument("--nnunet-model", metavar="DIR", help="use a trained nnU-Net v2 model folder instead of atlases")
+    g.add_argument("--threads", type=int, help="ITK threads (default: all cores)")
+    g.set_defaults(func=_segment)
+
     e = sub.add_parser("evaluate", help="compare a reconstruction with the ground truth")
     e.add_argument("--input-volume", required=True, metavar="NII", help="reconstruction")
     e.add_argument("--reference", required=True, metavar="NII", help="ground-truth volume")
@@ -194,6 +204,21 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     sim = simulate_stacks(vol, mask, aff, cfg)
     write_simulation(sim, args.output_dir)
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    import os
+
+    if args.threads:
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    from gsvr.evaluate.segmentation import SegmentationSettings, segment_file
+
+    if not args.atlas and not args.nnunet_model:
+        raise GsvrError("segment: give --atlas folders or --nnunet-model")
+    settings = SegmentationSettings(segmenter="nnunet" if args.nnunet_model else "atlas", atlases=tuple(args.atlas),
+                                    registration_spacing_mm=args.registration_spacing, nnunet_model=args.nnunet_model)
+    segment_file(args.input_volume, args.output_labels, settings)
     return 0
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: conda-forge package -> the module it provides (the packages our environments list)
 MODULES = {"pytorch": "torch", "faiss-cpu": "faiss", "numpy": "numpy", "scipy": "scipy", "nibabel": "nibabel",
            "simpleitk": "SimpleITK", "scikit-image": "skimage", "pandas": "pandas", "pyyaml": "yaml", "tqdm": "tqdm",
-           "matplotlib-base": "matplotlib"}
+           "matplotlib-base": "matplotlib", "antspyx": "ants"}
 
 
 def _rules():
@@ -31,6 +31,7 @@ def _rules():
 
 def _env_modules(env: Path) -> set[str]:
     deps = yaml.safe_load(env.read_text())["dependencies"]
+    deps += [p for d in deps if isinstance(d, dict) for p in d.get("pip", [])]  # PyPI packages of the environment
     names = {re.split(r"[=<> ]", d)[0] for d in deps if isinstance(d, str)}
     unknown = names - set(MODULES) - {"python", "pip"}
     assert not unknown, f"{env.name}: add {unknown} to MODULES"

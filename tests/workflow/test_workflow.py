@@ -48,9 +48,10 @@ def test_ablation_config_plans_every_row_of_gsvr_table_2():
 
 
 def _write_tiny_cohort(root, small_subject):
-    """A 1.6 mm subject with ground truth, an 'acquired' subject of simulated stacks, and a config with
-    two tiny methods (seconds each)."""
+    """A 1.6 mm subject with ground truth and labels, an 'acquired' subject of simulated stacks, and a
+    config with tiny methods (seconds each) and a coarse segmentation."""
     import nibabel as nib
+    import numpy as np
     import pandas as pd
     import yaml
 
@@ -59,6 +60,8 @@ def _write_tiny_cohort(root, small_subject):
     vol, mask, affine = small_subject
     data = root / "data"
     data.mkdir()
+    labels = nib.load(ROOT / "data/demo/GA23/parcellation.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(labels.dataobj)[::2, ::2, ::2].astype("int16"), affine), data / "gt_labels.nii.gz")
     nib.save(nib.Nifti1Image(vol, affine), data / "gt.nii.gz")
     nib.save(nib.Nifti1Image(mask.astype("uint8"), affine), data / "gt_mask.nii.gz")
     sim_cfg = dict(n_stacks=3, inplane_spacing_mm=1.6, thickness_mm=4.0, obliquity_deg=5.0, motion_rotation_deg=3.0,
@@ -70,7 +73,8 @@ def _write_tiny_cohort(root, small_subject):
         nib.save(nib.Nifti1Image((s.mask > 0).astype("uint8"), s.affine), data / f"{name}_mask.nii.gz")
     cfg_dir = root / "config"
     cfg_dir.mkdir()
-    pd.DataFrame([{"subject": "tiny", "dataset": "test", "volume": "../data/gt.nii.gz", "mask": "../data/gt_mask.nii.gz"}]).to_csv(
+    pd.DataFrame([{"subject": "tiny", "dataset": "test", "volume": "../data/gt.nii.gz", "mask": "../data/gt_mask.nii.gz",
+                   "labels": "../data/gt_labels.nii.gz"}]).to_csv(
         cfg_dir / "subjects.tsv", sep="\t", index=False)
     pd.DataFrame([{"subject": "acq", "dataset": "test", "stacks": " ".join(f"../data/{n}.nii.gz" for n in names),
                    "masks": " ".join(f"../data/{n}_mask.nii.gz" for n in names), "thicknesses": "4 4 4"}]).to_csv(
@@ -79,6 +83,8 @@ def _write_tiny_cohort(root, small_subject):
     config = {
         "subjects": "config/subjects.tsv", "acquired": "config/acquired.tsv", "assess_methods": ["svr_classic"],
         "simulation": sim_cfg, "preprocess": {"crop_margin_mm": 8.0, "n4": False, "standardise": True},
+        "segmentation": {"atlases": [str(ROOT / "data/atlases/GA22"), str(ROOT / "data/atlases/GA24")],
+                         "registration_spacing_mm": 3.2},
         "methods": {"gsvr": fast, "svr_classic": {**fast, "engine": "svr_classic"},
                     "stack_average": {"engine": "stack_average", "output_resolution_mm": 1.6},
                     "nesvor": {"engine": "nesvor", "command": ["gsvr-test-no-such-program"]}},
@@ -101,6 +107,12 @@ def test_tiny_end_to_end_run_fills_the_tables_and_a_second_run_does_nothing(tmp_
     table = (tmp_path / "results/tables/quality.md").read_text()
     assert "| nesvor | not installed (gsvr-test-no-such-program not found on PATH) |" in table
     assert np.isfinite(quality[["psnr", "ssim", "ncc", "nrmse", "time_s"]].to_numpy()).all()
+    seg = pd.read_csv(tmp_path / "results/tables/segmentation_per_subject.csv")
+    mean = seg[seg["structure"] == "mean"].set_index("method")
+    assert sorted(mean.index) == ["ground_truth", "gsvr", "stack_average", "svr_classic"]
+    assert mean.loc["ground_truth", "dice"] > mean.loc["gsvr", "dice"] > mean.loc["stack_average", "dice"]
+    seg_md = (tmp_path / "results/tables/segmentation.md").read_text()
+    assert "### Dice" in seg_md and "### HD95 (mm)" in seg_md and "| nesvor | not installed" in seg_md
     assess = pd.read_csv(tmp_path / "results/tables/assess_per_subject.csv")
     assert list(zip(assess["subject"], assess["method"], assess["n_stacks"])) == [("acq", "svr_classic", 3)]
     assert assess["ncc_slices"].iloc[0] > 0.8

@@ -41,6 +41,12 @@ for _m, _cfg in config["methods"].items():
 METHODS = [m for m in config["methods"] if m not in NOT_INSTALLED]
 ASSESS_METHODS = [m for m in config.get("assess_methods", METHODS) if m not in NOT_INSTALLED]
 
+# Subjects given a label map in the sheet get the segmentation evaluation (when `segmentation:` is set).
+SEGMENTED = ([s for s in SUBJECTS.index if "labels" in SUBJECTS and not pd.isna(SUBJECTS.loc[s, "labels"])]
+             if config.get("segmentation") else [])
+if "ground_truth" in config["methods"]:
+    raise ValueError("methods: 'ground_truth' is reserved (the segmentation table's row for the ground truth itself)")
+
 _both = sorted(set(SUBJECTS.index) & set(ACQUIRED.index))
 if _both:
     raise ValueError(f"subject ids in both {_sheet} and {_acquired_sheet}: {', '.join(_both)}")

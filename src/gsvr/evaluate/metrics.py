@@ -59,6 +59,14 @@ def register_rigid(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image
     return reg.Execute(fixed, moving)
 
 
+def align_to_reference(recon: np.ndarray, recon_affine: np.ndarray, gt: np.ndarray, gt_affine: np.ndarray,
+                       mask: np.ndarray) -> sitk.Transform:
+    """Step 1 of the protocol: the rigid transform (reference points -> reconstruction points, LPS)
+    that registers the reconstruction to the reference inside the mask."""
+    mask_img = sitk.Cast(to_sitk((mask > 0).astype(np.float32), gt_affine), sitk.sitkUInt8)
+    return register_rigid(to_sitk(gt, gt_affine), to_sitk(recon, recon_affine), mask_img)
+
+
 def evaluate_volume(
     recon: np.ndarray, recon_affine: np.ndarray, gt: np.ndarray, gt_affine: np.ndarray, mask: np.ndarray, *, register: bool = True
 ) -> EvaluationResult:
@@ -66,11 +74,7 @@ def evaluate_volume(
     m = mask > 0
     fixed = to_sitk(gt, gt_affine)
     moving = to_sitk(recon, recon_affine)
-    mask_img = sitk.Cast(to_sitk(m.astype(np.float32), gt_affine), sitk.sitkUInt8)
-    if register:
-        tx = register_rigid(fixed, moving, mask_img)
-    else:
-        tx = sitk.Euler3DTransform()
+    tx = align_to_reference(recon, recon_affine, gt, gt_affine, m) if register else sitk.Euler3DTransform()
     resampled = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     r = np.transpose(sitk.GetArrayFromImage(resampled), (2, 1, 0)).astype(np.float64)
     g = gt.astype(np.float64)

@@ -20,9 +20,10 @@ def _bench_seconds(path: str) -> float:
 
 
 def markdown_table(df: pd.DataFrame, methods: Sequence[str], metrics: dict[str, bool],
-                   not_installed: Mapping[str, str] | None = None) -> str:
+                   not_installed: Mapping[str, str] | None = None, fmt: str | None = None) -> str:
     """Mean ± std over the rows of each method, the best mean of each metric in bold; then one row per
-    method that could not run (``not_installed``: method -> reason)."""
+    method that could not run (``not_installed``: method -> reason). ``fmt``: one number format for all
+    columns (default: 3 decimals for ncc/ssim/nrmse, else 2)."""
     lines = ["| method | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     stats = df.groupby("method", sort=False)[list(metrics)].agg(["mean", "std"])
     best = {m: (stats[(m, "mean")].idxmax() if hi else stats[(m, "mean")].idxmin()) for m, hi in metrics.items()}
@@ -30,8 +31,8 @@ def markdown_table(df: pd.DataFrame, methods: Sequence[str], metrics: dict[str, 
         cells = []
         for metric in metrics:
             mean, std = stats.loc[method, (metric, "mean")], stats.loc[method, (metric, "std")]
-            fmt = "{:.3f}" if metric.startswith(("ncc", "ssim", "nrmse")) else "{:.2f}"
-            text = fmt.format(mean) + ("" if pd.isna(std) else " ± " + fmt.format(std))
+            f = fmt or ("{:.3f}" if metric.startswith(("ncc", "ssim", "nrmse")) else "{:.2f}")
+            text = f.format(mean) + ("" if pd.isna(std) else " ± " + f.format(std))
             cells.append(f"**{text}**" if best[metric] == method and len(methods) > 1 else text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     for method, why in (not_installed or {}).items():
@@ -74,4 +75,33 @@ def assess_table(assess_tsv: Sequence[str], bench_tsv: Sequence[str], subjects: 
                      **{k: float(mean[k]) for k in ASSESS_METRICS if k != "time_s"}, "time_s": _bench_seconds(bt)})
     df = pd.DataFrame(rows)
     _write(df, methods, ASSESS_METRICS, per_subject_csv, table_md, not_installed)
+    return df
+
+
+#: segmentation score -> (True when higher is better, number format, heading)
+SEGMENTATION_SCORES = {"dice": (True, "{:.3f}", "Dice"), "hd95_mm": (False, "{:.2f}", "HD95 (mm)"),
+                       "assd_mm": (False, "{:.2f}", "ASSD (mm)")}
+
+
+def segmentation_table(score_tsv: Sequence[str], subjects: Sequence[str], methods: Sequence[str], *,
+                       per_subject_csv: str, table_md: str, not_installed: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """M-Gaussian Table 5: Dice, HD95 and ASSD per structure and their mean, one table each, methods as
+    rows (``ground_truth``: the ground-truth volume segmented as if it were a reconstruction); inputs
+    ordered subject-major, method-minor."""
+    frames = []
+    pairs = [(s, m) for s in subjects for m in methods]
+    for (subject, method), path in zip(pairs, score_tsv, strict=True):
+        frames.append(pd.read_csv(path, sep="\t").assign(subject=subject, method=method))
+    df = pd.concat(frames, ignore_index=True)[["subject", "method", "structure", *SEGMENTATION_SCORES]]
+    with atomic_output(per_subject_csv) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.5g")
+    structures = list(dict.fromkeys(df["structure"]))
+    parts = []
+    for score, (higher, fmt, heading) in SEGMENTATION_SCORES.items():
+        wide = df.pivot_table(index=["subject", "method"], columns="structure", values=score, dropna=False, sort=False)
+        wide = wide[structures].reset_index()
+        parts.append(f"### {heading}\n\n" + markdown_table(wide, methods, {s: higher for s in structures},
+                                                            not_installed, fmt=fmt))
+    with atomic_output(table_md) as tmp:
+        tmp.write_text("\n".join(parts))
     return df

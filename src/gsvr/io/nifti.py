@@ -226,9 +226,9 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -
         nib.save(img, str(tmp))
 
 
-def save_mask(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray) -> None:
-    """Write a uint8 mask NIfTI (atomic)."""
-    img = nib.Nifti1Image(np.asarray(mask, dtype=np.uint8), np.asarray(affine, dtype=np.float64))
+def save_mask(path: str | os.PathLike, mask: np.ndarray, affine: np.ndarray, *, dtype=np.uint8) -> None:
+    """Write a mask (uint8) or label map (``dtype=np.int16``) NIfTI (atomic)."""
+    img = nib.Nifti1Image(np.asarray(mask, dtype=dtype), np.asarray(affine, dtype=np.float64))
     img.set_sform(affine, code=XFORM_SCANNER)
     img.set_qform(affine, code=XFORM_SCANNER)
     with atomic_output(path) as tmp:
