@@ -49,8 +49,9 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Resul
         tick = svr_progress(bar, history, t_start, n_cycles)
 
         weights = torch.ones(data.n_slices, device=device)
+        pixel_weights = torch.ones(data.n_pixels, device=device)
         if cfg.motion:
-            _, weights = svr_cycles(data, motion, settings, weight_fn=weight_fn, progress=tick)
+            _, weights, pixel_weights = svr_cycles(data, motion, settings, weight_fn=weight_fn, progress=tick)
         with torch.no_grad():
             x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
         radius = _support_radius(stacks)
@@ -60,7 +61,7 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Resul
         # 0.05 x (1.2/0.8)^2 = 0.11 -> 28.6 dB).
         tikhonov = settings.tikhonov * (settings.spacings_mm[-1] / cfg.output_resolution_mm) ** 2
         final = dataclasses.replace(settings, cg_iterations=2 * settings.cg_iterations, tikhonov=tikhonov)
-        vol = super_resolve(data, motion, weights[data.slice_idx], grid, final)
+        vol = super_resolve(data, motion, weights[data.slice_idx] * pixel_weights, grid, final)
         vol = torch.where(support_mask(grid, x, radius), vol, torch.zeros_like(vol))
         bar.update(1)
         bar.set_postfix_str("super-resolution")

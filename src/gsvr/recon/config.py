@@ -53,6 +53,9 @@ class ReconConfig:
     svr_cg_iterations: int = 12  #: conjugate-gradient iterations per super-resolution solve
     svr_tikhonov: float = 0.05  #: gradient penalty of the super-resolution, relative to the data term
     svr_leave_one_out: bool = True  #: register each stack's slices to the volume of the other stacks
+    svr_robust: str = "slice"  #: "slice" (GSVR's slice weights below) or "em" (pixel and slice EM, Kuklisova-Murgasova)
+    svr_prior: str = "tikhonov"  #: super-resolution prior: "tikhonov" or "edge" (edge-preserving, lagged diffusivity)
+    svr_edge_delta: float = 0.1  #: edge scale of the "edge" prior (normalised intensity per mm)
     init_from_svr: bool = True  #: initialise the Gaussians from the SVR volume (else from the slice pixels)
     init_fit_steps: int = 100  #: Adam steps fitting the initial Gaussians to the SVR volume (0 = sampled values only)
     # Regularisation.
@@ -85,7 +88,8 @@ class ReconConfig:
     def __post_init__(self) -> None:
         choices = {"render_mode": ("exact", "normalized"), "schedule": ("step", "cosine"),
                    "knn_backend": ("auto", "kdtree", "faiss", "torch"), "device": ("auto", "cpu", "cuda"),
-                   "init_motion": ("svr", "none"), "registration": ("stack", "none")}
+                   "init_motion": ("svr", "none"), "registration": ("stack", "none"), "svr_robust": ("slice", "em"),
+                   "svr_prior": ("tikhonov", "edge")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise GsvrError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -140,7 +144,8 @@ class ReconConfig:
         return SvrSettings(spacings_mm=tuple(float(v) for v in self.svr_spacings_mm),
                            translation_only_cycles=self.svr_translation_only_cycles,
                            reg_steps=self.svr_registration_steps, cg_iterations=self.svr_cg_iterations,
-                           tikhonov=self.svr_tikhonov, leave_one_out=self.svr_leave_one_out)
+                           tikhonov=self.svr_tikhonov, leave_one_out=self.svr_leave_one_out, robust=self.svr_robust,
+                           prior=self.svr_prior, edge_delta=self.svr_edge_delta)
 
     def replace(self, **changes: Any) -> "ReconConfig":
         return dataclasses.replace(self, **changes)

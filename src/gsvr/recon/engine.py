@@ -223,15 +223,16 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
         # whose local gradients alone let the field absorb misalignment (see recon/svr.py).
         tick = svr_progress(bar, history, t_start, len(cfg.svr_spacings_mm))
 
-        def cycle_done(cycles: int, w: Tensor) -> None:
+        def cycle_done(cycles: int, w: Tensor, pw: Tensor) -> None:
             nonlocal weights
             weights = w
-            save("svr", cycles)
+            save("svr", cycles, pixel_weights=pw)
 
         state = ck.resumes("svr")
-        svr, weights = svr_cycles(data, motion, cfg.svr_settings(), progress=tick, on_cycle=cycle_done,
-                                  start_cycle=state["step"] if state else 0, weights=weights,
-                                  weight_fn=lambda r: _robust_slice_weights(r, cfg) if cfg.slice_weights else torch.ones_like(r))
+        pixel_weights = state["pixel_weights"].to(device) if state and "pixel_weights" in state else None
+        svr, weights, _ = svr_cycles(data, motion, cfg.svr_settings(), progress=tick, on_cycle=cycle_done,
+                                     start_cycle=state["step"] if state else 0, weights=weights, pixel_weights=pixel_weights,
+                                     weight_fn=lambda r: _robust_slice_weights(r, cfg) if cfg.slice_weights else torch.ones_like(r))
         _log_peak_memory("the SVR cycles")
     elif fit_state := ck.resumes("fit"):
         svr = SvrState(fit_state["svr_volume"].to(device), VoxelGrid(*fit_state["svr_grid"]))

@@ -13,6 +13,7 @@ baseline (the voxel volume itself).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,15 @@ class SvrSettings:
     psf_inplane: int = 1  #: Gauss-Hermite nodes per in-plane axis
     translation_only_cycles: int = 2  #: first cycles register translation only (rotation needs a sharper volume)
     leave_one_out: bool = True  #: register each stack's slices to the volume of the other stacks
+    #: robust statistics: "slice" (slice weights from the mean residual, ``weight_fn``) or "em" (Kuklisova-
+    #: Murgasova: EM on a pixel-wise inlier Gaussian / outlier uniform mixture, then a two-class mixture of
+    #: the slice potentials; the super-resolution weights each pixel by both posteriors)
+    robust: str = "slice"
+    em_iterations: int = 10  #: EM iterations of each mixture per cycle
+    #: super-resolution prior: "tikhonov" (gradient penalty) or "edge" (the penalty re-weighted by
+    #: 1 / sqrt(1 + (|grad v| / delta)^2) from a first Tikhonov solve, then solved again: edges are kept)
+    prior: str = "tikhonov"
+    edge_delta: float = 0.1  #: edge scale of the "edge" prior (intensities are normalised to ~1)
     scale_bounds: tuple[float, float] = (0.5, 2.0)  #: clamp of the per-slice intensity scale
     chunk_pixels: int = 65_536
     margin_mm: float = 4.0
@@ -79,13 +89,22 @@ class SliceOperator:
         return out
 
 
-def _grad_penalty_normal(v: Tensor) -> Tensor:
-    """G^T G v for forward differences G along the three axes (Neumann boundary)."""
+def _grad_penalty_normal(v: Tensor, edge_weights: list[Tensor] | None = None) -> Tensor:
+    """G^T D G v for forward differences G along the three axes (Neumann boundary); D holds one weight
+    per difference (``edge_weights[d]``, the shape of ``diff(v, dim=d)``), the identity when None."""
     out = torch.zeros_like(v)
     for d in range(3):
         diff = torch.diff(v, dim=d)
+        if edge_weights is not None:
+            diff = diff * edge_weights[d]
         out += torch.nn.functional.pad(diff, _pad(d, 1, 0)) - torch.nn.functional.pad(diff, _pad(d, 0, 1))
     return out
+
+
+def edge_weights(v: Tensor, spacing_mm: float, delta: float) -> list[Tensor]:
+    """Edge-preserving weights 1 / sqrt(1 + (|dv/dx| / delta)^2) of every forward difference (per mm),
+    the lagged-diffusivity linearisation of a Charbonnier (smoothed total-variation) prior."""
+    return [torch.rsqrt(1 + (torch.diff(v, dim=d) / (spacing_mm * delta)).square()) for d in range(3)]
 
 
 def _pad(dim: int, before: int, after: int) -> list[int]:
@@ -110,18 +129,29 @@ def super_resolve(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, gr
     pixel_weight = pixel_weight[pixels]
     w = pixel_weight * scale.square()
 
+    edges = None
+
     def normal(v: Tensor) -> Tensor:
-        return op.adjoint(w * op.forward(v)) + lam * _grad_penalty_normal(v)
+        return op.adjoint(w * op.forward(v)) + lam * _grad_penalty_normal(v, edges)
 
     # lam relative to the mean diagonal of A^T W A over covered voxels, so it does not depend on the grid.
     diag = op.adjoint(w * op.forward(torch.ones(grid.shape, device=data.x0.device)))
     lam = s.tikhonov * float(diag[diag > 1e-6 * diag.max()].mean())
     b = op.adjoint(pixel_weight * scale * data.y[pixels])
     v = torch.zeros(grid.shape, device=data.x0.device) if init is None else init.clone()
+    v = _conjugate_gradients(normal, b, v, s.cg_iterations)
+    if s.prior == "edge":  # lagged diffusivity: weights from the Tikhonov solution, then solve again from it
+        edges = edge_weights(v, grid.spacing_mm, s.edge_delta)
+        v = _conjugate_gradients(normal, b, v, s.cg_iterations)
+    return v
+
+
+def _conjugate_gradients(normal, b: Tensor, v: Tensor, iterations: int) -> Tensor:
+    """``iterations`` conjugate-gradient steps on normal(v) = b from ``v`` (updated in place)."""
     r = b - normal(v)
     p = r.clone()
     rr = (r * r).sum()
-    for _ in range(s.cg_iterations):
+    for _ in range(iterations):
         ap = normal(p)
         alpha = rr / (p * ap).sum().clamp_min(1e-30)
         v += alpha * p
@@ -250,7 +280,8 @@ def slice_ncc(pred: Tensor, y: Tensor, sid: Tensor, m: int) -> Tensor:
 
 
 def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_fn, progress=None, start_cycle: int = 0,
-               weights: Tensor | None = None, on_cycle=None) -> tuple[SvrState, Tensor]:
+               weights: Tensor | None = None, pixel_weights: Tensor | None = None, on_cycle=None
+               ) -> tuple[SvrState, Tensor, Tensor]:
     """Run the coarse-to-fine cycles, updating ``motion`` in place; returns the final volume and slice weights.
 
     With ``leave_one_out`` (and at least two stacks) the slices of each stack are registered to a
@@ -258,41 +289,87 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
     imprint in the volume; orthogonal stacks give that volume its resolution exactly along the
     held-out slices' in-plane axes.
 
+    Returns the volume, the slice weights [M] and the pixel weights [P] (ones unless ``robust="em"``);
+    the super-resolution weights a pixel by their product.
+
     Args:
-        weight_fn: maps the per-slice mean absolute residual [M] to slice weights [M].
+        weight_fn: maps the per-slice mean absolute residual [M] to slice weights [M] (``robust="slice"``).
         progress: optional callable(cycle, median_ncc) told when each cycle ends.
-        start_cycle, weights: resume after ``start_cycle`` cycles, with the slice weights they left.
-        on_cycle: optional callable(cycles_done, weights) after each cycle (checkpoints).
+        start_cycle, weights, pixel_weights: resume after ``start_cycle`` cycles, with the weights they left.
+        on_cycle: optional callable(cycles_done, weights, pixel_weights) after each cycle (checkpoints).
     """
     dev = data.x0.device
     stack_of = torch.as_tensor(data.stack_of_slice, device=dev)
     stacks = torch.unique(stack_of)
     loo = s.leave_one_out and len(stacks) > 1
     weights = torch.ones(data.n_slices, device=dev) if weights is None else weights
+    pixel_weights = torch.ones(data.n_pixels, device=dev) if pixel_weights is None else pixel_weights
     for cycle, spacing in enumerate(s.spacings_mm):
         if cycle < start_cycle:
             continue
         grid = _grid(data, motion, spacing, s.margin_mm)
         mean_res = torch.zeros(data.n_slices, device=dev)
+        pixel_res = torch.zeros(data.n_pixels, device=dev)
         ncc = torch.zeros(data.n_slices, device=dev)
         groups = [stack_of == k for k in stacks] if loo else [torch.ones_like(stack_of, dtype=torch.bool)]
         for held_out in groups:
             fit_slices = ~held_out if loo else held_out
             fit_pixels = torch.nonzero(fit_slices[data.slice_idx])[:, 0]
-            vol = super_resolve(data, motion, weights[data.slice_idx], grid, s, pixels=fit_pixels)
+            vol = super_resolve(data, motion, weights[data.slice_idx] * pixel_weights, grid, s, pixels=fit_pixels)
             ncc_k = register(vol, grid, data, motion, s, slices=held_out, rotate=cycle >= s.translation_only_cycles)
             ncc[held_out] = ncc_k[held_out]
-            mean_res[held_out] = _fit_scales_and_residuals(vol, grid, data, motion, s, held_out)[held_out]
-        weights = weight_fn(mean_res)
+            mean_res[held_out] = _fit_scales_and_residuals(vol, grid, data, motion, s, held_out, pixel_res)[held_out]
+        if s.robust == "em":
+            pixel_weights, weights = em_robust_weights(pixel_res, data.slice_idx, data.n_slices, s.em_iterations)
+        else:
+            weights = weight_fn(mean_res)
         remove_global_motion(data, motion)
         log.info("svr cycle %d (%.1f mm): median slice NCC %.3f", cycle + 1, spacing, float(ncc.median()))
         if progress is not None:
             progress(cycle, float(ncc.median()))
         if on_cycle is not None:
-            on_cycle(cycle + 1, weights)
+            on_cycle(cycle + 1, weights, pixel_weights)
     grid = _grid(data, motion, s.spacings_mm[-1], s.margin_mm)
-    vol = super_resolve(data, motion, weights[data.slice_idx], grid, s)
-    return SvrState(vol, grid), weights
+    vol = super_resolve(data, motion, weights[data.slice_idx] * pixel_weights, grid, s)
+    return SvrState(vol, grid), weights, pixel_weights
+
+
+@torch.no_grad()
+def em_robust_weights(residuals: Tensor, sid: Tensor, n_slices: int, iterations: int = 10) -> tuple[Tensor, Tensor]:
+    """Robust statistics of Kuklisova-Murgasova et al. (2012): pixel and slice inlier posteriors.
+
+    Pixels: residual e ~ c N(0, sigma^2) + (1 - c) U(range of e), fitted by EM; p = posterior of the
+    Gaussian. Slices: potential sqrt(mean over the slice of (1 - p)^2), modelled as an inlier
+    Gaussian against outliers uniform on [0, 1], fitted by EM; the slice weight is the inlier
+    posterior, 1 below the inlier mean. Returns (pixel posteriors [P], slice weights [M]).
+    """
+    e = residuals.double()
+    m_uniform = 1.0 / float((e.max() - e.min()).clamp_min(1e-12))
+    mad = (e - e.median()).abs().median()
+    sigma2 = float((1.4826 * mad).clamp_min(1e-6)) ** 2
+    c = 0.9
+    for _ in range(iterations):
+        g = torch.exp(-0.5 * e.square() / sigma2) / math.sqrt(2 * math.pi * sigma2)
+        p = c * g / (c * g + (1 - c) * m_uniform)
+        sigma2 = max(float((p * e.square()).sum() / p.sum().clamp_min(1e-12)), 1e-12)
+        c = float(p.mean().clamp(1e-3, 1 - 1e-3))
+    n = torch.bincount(sid, minlength=n_slices).double().clamp_min(1)
+    potential = (torch.zeros(n_slices, dtype=e.dtype, device=e.device).index_add(0, sid, (1 - p).square()) / n).sqrt()
+    # Slices: inlier Gaussian of the potentials (started from their median and MAD) against outliers
+    # uniform on [0, 1], the range of a potential. (A second Gaussian, as in SVRTK, splits even a
+    # clean, unimodal set of potentials in two: a quarter of clean slices lost half their weight.)
+    mu = float(potential.median())
+    var = max(float(1.4826 * (potential - mu).abs().median()) ** 2, 1e-6)
+    mix = 0.9
+    for _ in range(iterations):
+        g = mix * torch.exp(-0.5 * (potential - mu) ** 2 / var) / math.sqrt(2 * math.pi * var)
+        post = g / (g + (1 - mix))
+        w = post.sum().clamp_min(1e-12)
+        mu = float((post * potential).sum() / w)
+        var = max(float((post * (potential - mu).square()).sum() / w), 1e-6)
+        mix = float(post.mean().clamp(0.5, 1 - 1e-3))  # outliers never the majority
+    slice_w = torch.where(potential <= mu, torch.ones_like(post), post)
+    return p.float(), slice_w.float()
 
 
 @torch.no_grad()
@@ -329,9 +406,10 @@ def _grid(data: SliceData, motion: SliceMotion, spacing_mm: float, margin_mm: fl
 
 @torch.no_grad()
 def _fit_scales_and_residuals(vol: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMotion, s: SvrSettings,
-                              slices: Tensor) -> Tensor:
+                              slices: Tensor, pixel_residuals: Tensor | None = None) -> Tensor:
     """Least-squares intensity scale of the chosen slices (y ~ scale * A_i V) into ``motion.log_scale``;
-    returns every slice's mean absolute residual [M] (0 for slices not chosen)."""
+    returns every slice's mean absolute residual [M] (0 for slices not chosen) and writes the chosen
+    pixels' signed residuals into ``pixel_residuals`` [P] when given."""
     m = data.n_slices
     pixels = torch.nonzero(slices[data.slice_idx])[:, 0]
     op = SliceOperator(data, motion, grid, s, pixels)
@@ -341,6 +419,8 @@ def _fit_scales_and_residuals(vol: Tensor, grid: VoxelGrid, data: SliceData, mot
     pp = torch.zeros(m, device=y.device).index_add(0, op.sid, pred * pred)
     scale = (py / pp.clamp_min(1e-12)).clamp(s.scale_bounds[0], s.scale_bounds[1])
     motion.log_scale[slices] = scale.log()[slices]
-    res = (pred * scale[op.sid] - y).abs()
+    res = pred * scale[op.sid] - y
+    if pixel_residuals is not None:
+        pixel_residuals[pixels] = res
     n = torch.bincount(op.sid, minlength=m).clamp_min(1)
-    return torch.zeros(m, device=y.device).index_add(0, op.sid, res) / n
+    return torch.zeros(m, device=y.device).index_add(0, op.sid, res.abs()) / n
