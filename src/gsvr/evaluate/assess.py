@@ -31,8 +31,7 @@ from scipy.spatial.transform import Rotation
 from gsvr.errors import GsvrError
 from gsvr.io.nifti import Stack
 from gsvr.ops.psf import psf_sigmas_mm
-from gsvr.ops.voxel import psf_nodes
-from gsvr.ops.voxel import VoxelGrid
+from gsvr.ops.voxel import VoxelGrid, psf_nodes
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.slices import SliceMotion, build_slice_data, slice_axes
 from gsvr.recon.svr import SliceOperator, register
@@ -130,8 +129,7 @@ def assess_files(stacks: Sequence[str], masks: Sequence[str] | None, thicknesses
                  progress: bool = True) -> pd.DataFrame:
     """Load the stacks, run :func:`assess_stacks`, write the table (atomically) when asked."""
     from gsvr.io import load_stacks
-    from gsvr.io.nifti import atomic_output
-    from gsvr.io.nifti import check_writable
+    from gsvr.io.nifti import atomic_output, check_writable
 
     if output_tsv:
         check_writable(output_tsv)

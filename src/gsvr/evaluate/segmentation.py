@@ -102,10 +102,10 @@ def _ants():
     return ants
 
 
-def _normalised(ants, img, mask=None):
-    """Intensities divided by the 99th percentile inside ``mask`` (default: non-zero voxels)."""
+def _normalised(img):
+    """Intensities divided by the 99th percentile of the non-zero voxels."""
     arr = img.numpy()
-    sel = arr[mask.numpy() > 0] if mask is not None else arr[arr > 0]
+    sel = arr[arr > 0]
     peak = float(np.percentile(sel, 99)) if sel.size else 1.0
     return img / (peak if peak > 0 else 1.0)
 
@@ -116,13 +116,13 @@ def segment_multi_atlas(volume_path: str | os.PathLike, atlases: Sequence[str | 
     ants = _ants()
     import nibabel as nib
 
-    target = _normalised(ants, ants.image_read(str(volume_path), pixeltype="float"))
+    target = _normalised(ants.image_read(str(volume_path), pixeltype="float"))
     sp = (settings.registration_spacing_mm,) * 3
     target_low = ants.resample_image(target, sp, use_voxels=False, interp_type=0)
     warped_images, warped_labels = [], []
     for atlas in atlases:
         atlas = Path(atlas)
-        image = _normalised(ants, ants.image_read(str(atlas / "srr.nii.gz"), pixeltype="float"))
+        image = _normalised(ants.image_read(str(atlas / "srr.nii.gz"), pixeltype="float"))
         labels = ants.image_read(str(atlas / "parcellation.nii.gz"), pixeltype="float")
         reg = ants.registration(target_low, ants.resample_image(image, sp, use_voxels=False, interp_type=0),
                                 type_of_transform=settings.transform, random_seed=settings.seed)
@@ -199,20 +199,16 @@ def resample_labels(labels: np.ndarray, affine: np.ndarray, ref_shape: Sequence[
 
 def _directed_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Distances (mm) from the contour voxels of ``a`` to the contour of ``b``, and the other way."""
-    def image(m):
+    def contour(m):
         img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(m, (2, 1, 0))).astype(np.uint8))
         img.SetSpacing([float(s) for s in spacing])
-        return img
+        return sitk.LabelContour(img, fullyConnected=True)
 
-    def contour(img):
-        return sitk.GetArrayFromImage(sitk.LabelContour(img, fullyConnected=True)) > 0
+    def distance(c):
+        return np.abs(sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(c, squaredDistance=False, useImageSpacing=True)))
 
-    def distance(img):
-        return np.abs(sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
-            sitk.LabelContour(img, fullyConnected=True), squaredDistance=False, useImageSpacing=True)))
-
-    ia, ib = image(a), image(b)
-    return distance(ib)[contour(ia)], distance(ia)[contour(ib)]
+    ca, cb = contour(a), contour(b)
+    return distance(cb)[sitk.GetArrayFromImage(ca) > 0], distance(ca)[sitk.GetArrayFromImage(cb) > 0]
 
 
 def score_segmentation(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence[float],

@@ -196,11 +196,8 @@ def check_writable(path: str | os.PathLike) -> None:
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same extension); rename it onto ``path`` on success only."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise GsvrError(f"{path}: output folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise GsvrError(f"{path}: output folder {parent} is not writable")
+    check_writable(path)
+    parent = path.parent
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=parent)
     os.close(fd)

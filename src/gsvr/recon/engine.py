@@ -229,7 +229,7 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
             save("svr", cycles, pixel_weights=pw)
 
         state = ck.resumes("svr")
-        pixel_weights = state["pixel_weights"].to(device) if state and "pixel_weights" in state else None
+        pixel_weights = state["pixel_weights"].to(device) if state else None
         svr, weights, _ = svr_cycles(data, motion, cfg.svr_settings(), progress=tick, on_cycle=cycle_done,
                                      start_cycle=state["step"] if state else 0, weights=weights, pixel_weights=pixel_weights,
                                      weight_fn=lambda r: _robust_slice_weights(r, cfg) if cfg.slice_weights else torch.ones_like(r))
