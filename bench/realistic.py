@@ -10,6 +10,7 @@ corrupted slices, masks saved with a header shifted by 0.05 mm. memory: the same
 Prints PSNR/SSIM (the project's protocol), wall time and peak RSS, and the machine.
 
     python bench/realistic.py [--subjects GA23] [--cases clean realistic memory] [--registration none stack]
+                              [--config recon.yaml]   (other settings; --registration still wins)
                               [--keep DIR [--simulate-only]]   (keep the simulated stacks, e.g. for gsvr assess)
 """
 
@@ -79,7 +80,8 @@ def child(args) -> None:
     thick = [str(args.thickness)] * len(stacks)
     t = time.perf_counter()
     code = gsvr_main(["reconstruct", "--input-stacks", *stacks, "--stack-masks", *masks, "--thicknesses", *thick,
-                      "--output-volume", args.out, "--registration", args.registration, "--no-progress"])
+                      "--output-volume", args.out, "--registration", args.registration, "--no-progress",
+                      *(["--config", args.config] if args.config else [])])
     wall = time.perf_counter() - t
     print(json.dumps({"code": code, "wall_s": wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}))
 
@@ -90,6 +92,7 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES))
     p.add_argument("--registration", nargs="+", default=["none", "stack"])
     p.add_argument("--atlas", default=str(ATLAS))
+    p.add_argument("--config", help="reconstruction config YAML (defaults otherwise)")
     p.add_argument("--keep", metavar="DIR", help="write the simulations here (kept) instead of a temporary folder")
     p.add_argument("--simulate-only", action="store_true", help="write the simulations (with --keep) and stop")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -140,6 +143,8 @@ def main() -> None:
                     out = sim_dir / f"rec_{reg}.nii.gz"
                     cmd = [sys.executable, __file__, "--child", "--sim", str(sim_dir), "--out", str(out),
                            "--thickness", str(settings.get("thickness_mm", 3.0)), "--reg", reg]
+                    if args.config:
+                        cmd += ["--config", args.config]
                     run = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
                     if run["code"] != 0:
                         print(f"| {subject} | {case} | {reg} | failed with status {run['code']} |", flush=True)

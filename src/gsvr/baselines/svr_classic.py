@@ -43,7 +43,7 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Resul
     motion = SliceMotion(data.n_slices, device)
     settings = cfg.svr_settings()
     weight_fn = (lambda r: _robust_slice_weights(r, cfg)) if cfg.slice_weights else torch.ones_like
-    n_cycles = len(settings.spacings_mm) if cfg.motion else 0
+    n_cycles = settings.n_cycles(len(stacks)) if cfg.motion else 0
     with tqdm(total=n_cycles + 1, desc="svr", unit="cycle", disable=not progress, dynamic_ncols=True) as bar:
         history: list[tuple] = []
         tick = svr_progress(bar, history, t_start, n_cycles)

@@ -43,6 +43,9 @@ class SvrSettings:
     psf_normal: int = 5  #: Gauss-Hermite nodes through the slice
     psf_inplane: int = 1  #: Gauss-Hermite nodes per in-plane axis
     translation_only_cycles: int = 2  #: first cycles register translation only (rotation needs a sharper volume)
+    #: cycles before those of ``spacings_mm`` that register each stack as one rigid body to the volume of the
+    #: other stacks (through the PSF, so thick and thin directions are compared like with like); needs 2+ stacks
+    stack_spacings_mm: tuple[float, ...] = ()
     leave_one_out: bool = True  #: register each stack's slices to the volume of the other stacks
     #: robust statistics: "slice" (slice weights from the mean residual, ``weight_fn``) or "em" (Kuklisova-
     #: Murgasova: EM on a pixel-wise inlier Gaussian / outlier uniform mixture, then a two-class mixture of
@@ -56,6 +59,11 @@ class SvrSettings:
     scale_bounds: tuple[float, float] = (0.5, 2.0)  #: clamp of the per-slice intensity scale
     chunk_pixels: int = 65_536
     margin_mm: float = 4.0
+
+    def n_cycles(self, n_stacks: int) -> int:
+        """Cycles :func:`svr_cycles` runs on ``n_stacks`` stacks (whole-stack cycles need leave-one-out)."""
+        loo = self.leave_one_out and n_stacks > 1
+        return len(self.spacings_mm) + (len(self.stack_spacings_mm) if loo else 0)
 
 
 @dataclass
@@ -163,8 +171,12 @@ def _conjugate_gradients(normal, b: Tensor, v: Tensor, iterations: int) -> Tenso
 
 
 def register(volume: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMotion, s: SvrSettings, *,
-             slices: Tensor | None = None, rotate: bool = True) -> Tensor:
+             slices: Tensor | None = None, rotate: bool = True, groups: Tensor | None = None) -> Tensor:
     """Slice-to-volume registration of all (or the ``slices`` [M] bool) slices by damped Gauss-Newton; returns NCC [M].
+
+    With ``groups`` [M] (int, e.g. the stack of each slice) every group moves as one rigid body about
+    its centre (stack-to-volume registration): the slices' normal equations are summed with the
+    rotation's lever arm taken from the group centre, and no motion prior applies.
 
     Each slice is fitted as y = a * A_i(V) + b (a, b per slice by least squares, i.e. NCC), the
     residual linearised in a small rotation about the slice's current centre and a translation:
@@ -183,7 +195,15 @@ def register(volume: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMoti
     rotation = motion.rotation().detach()
     trans = motion.trans.detach().clone()
     ncc = torch.zeros(m, device=dev)
+    if groups is not None:
+        groups = torch.unique(groups, return_inverse=True)[1]
+        n_groups = int(groups.max()) + 1
     for it in range(s.reg_steps + 1):
+        if groups is not None:  # rotation about each group's centre: the mean centre of its slices
+            centres = data.centre + trans
+            group_centre = torch.zeros(n_groups, 3, device=dev).index_add(0, groups, centres)
+            group_centre = group_centre / torch.bincount(groups, minlength=n_groups).clamp_min(1)[:, None]
+            lever = centres - group_centre[groups]  # [M, 3]
         sums = torch.zeros(m, 6, 6, device=dev), torch.zeros(m, 6, device=dev)
         stats = torch.zeros(m, 5, device=dev)  # sum pred, sum y, sum pred^2, sum y^2, sum pred*y
         jac_parts = []
@@ -206,6 +226,8 @@ def register(volume: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMoti
         for c, pred, jac in jac_parts:
             si = sid[c]
             r = a[si] * pred + b[si] - data.y[c]
+            if groups is not None:  # lever arm from the group centre: u + d for d = slice centre - group centre
+                jac = torch.cat([jac[:, :3] + torch.linalg.cross(lever[si], jac[:, 3:]), jac[:, 3:]], -1)
             ja = a[si, None] * jac  # [p, 6]
             sums[0].index_add_(0, si, ja[:, :, None] * ja[:, None, :])
             sums[1].index_add_(0, si, ja * r[:, None])
@@ -213,22 +235,35 @@ def register(volume: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMoti
         # MAP: residuals / sigma^2 (sigma^2 = median over slices of the mean squared residual) plus a
         # zero-mean Gaussian prior on the total motion, which holds slices with little content in place.
         sigma2 = (sq / n[:, 0])[slices].median().clamp_min(1e-8)
-        prior = torch.tensor([s.prior_rotation_rad ** -2] * 3 + [s.prior_translation_mm ** -2] * 3, device=dev)
-        current = torch.cat([matrix_to_axis_angle(rotation), trans], -1)
-        hess = sums[0] / sigma2 + torch.diag_embed(prior.expand(m, 6))
-        grad = sums[1] / sigma2 + prior * current
+        if groups is None:
+            prior = torch.tensor([s.prior_rotation_rad ** -2] * 3 + [s.prior_translation_mm ** -2] * 3, device=dev)
+            current = torch.cat([matrix_to_axis_angle(rotation), trans], -1)
+            hess = sums[0] / sigma2 + torch.diag_embed(prior.expand(m, 6))
+            grad = sums[1] / sigma2 + prior * current
+        else:
+            hess = torch.zeros(n_groups, 6, 6, device=dev).index_add(0, groups, sums[0] * slices[:, None, None]) / sigma2
+            grad = torch.zeros(n_groups, 6, device=dev).index_add(0, groups, sums[1] * slices[:, None]) / sigma2
+            hess = hess + 1e-6 * torch.eye(6, device=dev)  # groups without chosen slices: a zero step
         diag = torch.diagonal(hess, dim1=-2, dim2=-1)
         damped = hess + torch.diag_embed(s.lm_damping * diag)
         if not rotate:  # translation only: solve the 3x3 translation block
             damped, grad = damped[:, 3:, 3:], grad[:, 3:]
-        step = -torch.linalg.solve(damped, grad[:, :, None])[:, :, 0] * slices[:, None]
+        step = -torch.linalg.solve(damped, grad[:, :, None])[:, :, 0]
+        if groups is None:
+            step = step * slices[:, None]
         if not rotate:
             step = torch.cat([torch.zeros_like(step), step], -1)
         # Cap the step: rotation (rad) and translation (mm) separately.
         rot_step, t_step = step[:, :3], step[:, 3:]
         rot_step = rot_step * (s.max_step_rad / rot_step.norm(dim=1, keepdim=True).clamp_min(s.max_step_rad))
         t_step = t_step * (s.max_step_mm / t_step.norm(dim=1, keepdim=True).clamp_min(s.max_step_mm))
-        rotation = axis_angle_to_matrix(rot_step) @ rotation
+        if groups is not None:  # each slice of a group: x -> R_d (x - g) + g + t_d, i.e. its centre moves likewise
+            r_d = axis_angle_to_matrix(rot_step)[groups] * slices[:, None, None] + \
+                torch.eye(3, device=dev) * ~slices[:, None, None]
+            t_step = (r_d @ lever[:, :, None])[:, :, 0] - lever + t_step[groups] * slices[:, None]
+            rotation = r_d @ rotation
+        else:
+            rotation = axis_angle_to_matrix(rot_step) @ rotation
         trans = trans + t_step
     with torch.no_grad():
         motion.rotvec.copy_(matrix_to_axis_angle(rotation))
@@ -304,9 +339,12 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
     loo = s.leave_one_out and len(stacks) > 1
     weights = torch.ones(data.n_slices, device=dev) if weights is None else weights
     pixel_weights = torch.ones(data.n_pixels, device=dev) if pixel_weights is None else pixel_weights
-    for cycle, spacing in enumerate(s.spacings_mm):
+    stack_cycles = s.n_cycles(len(stacks)) - len(s.spacings_mm)
+    schedule = list(s.stack_spacings_mm[:stack_cycles]) + list(s.spacings_mm)
+    for cycle, spacing in enumerate(schedule):
         if cycle < start_cycle:
             continue
+        whole_stacks = cycle < stack_cycles
         grid = _grid(data, motion, spacing, s.margin_mm)
         mean_res = torch.zeros(data.n_slices, device=dev)
         pixel_res = torch.zeros(data.n_pixels, device=dev)
@@ -316,7 +354,8 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
             fit_slices = ~held_out if loo else held_out
             fit_pixels = torch.nonzero(fit_slices[data.slice_idx])[:, 0]
             vol = super_resolve(data, motion, weights[data.slice_idx] * pixel_weights, grid, s, pixels=fit_pixels)
-            ncc_k = register(vol, grid, data, motion, s, slices=held_out, rotate=cycle >= s.translation_only_cycles)
+            ncc_k = register(vol, grid, data, motion, s, slices=held_out, groups=stack_of if whole_stacks else None,
+                             rotate=whole_stacks or cycle - stack_cycles >= s.translation_only_cycles)
             ncc[held_out] = ncc_k[held_out]
             mean_res[held_out] = _fit_scales_and_residuals(vol, grid, data, motion, s, held_out, pixel_res)[held_out]
         if s.robust == "em":
@@ -324,7 +363,8 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
         else:
             weights = weight_fn(mean_res)
         remove_global_motion(data, motion)
-        log.info("svr cycle %d (%.1f mm): median slice NCC %.3f", cycle + 1, spacing, float(ncc.median()))
+        log.info("svr cycle %d (%.1f mm, %s): median slice NCC %.3f", cycle + 1, spacing,
+                 "whole stacks" if whole_stacks else "slices", float(ncc.median()))
         if progress is not None:
             progress(cycle, float(ncc.median()))
         if on_cycle is not None:
