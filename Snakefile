@@ -27,5 +27,6 @@ rule all:
         expand("results/figures/{subject}_{kind}.png", subject=SUBJECTS.index, kind=("triplanar", "convergence")),
         ["results/tables/quality.md"] if len(SUBJECTS) else [],
         ["results/tables/segmentation.md"] if SEGMENTED else [],
+        expand("results/tables/ablation_{name}.md", name=ABLATIONS),
         expand("results/{subject}/{method}/volume.nii.gz", subject=ACQUIRED.index, method=METHODS),
         ["results/tables/assess.md"] if len(ACQUIRED) and ASSESS_METHODS else [],

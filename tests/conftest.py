@@ -35,3 +35,17 @@ def small_subject(demo_paths):
     affine = img.affine.copy()
     affine[:3, :3] *= 2.0
     return vol.astype(np.float32), m, affine
+
+
+@pytest.fixture(scope="session")
+def tiny_stacks(small_subject):
+    """Three orthogonal stacks simulated from the small subject: 1.6 mm in plane, 4 mm slices, no motion."""
+    from gsvr.io.nifti import Stack
+    from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
+
+    vol, mask, affine = small_subject
+    sim = simulate_stacks(vol, mask, affine, SimulationConfig(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01,
+                                                              fov_margin_mm=4.0, through_plane_samples=11, seed=4))
+    return [Stack(data=s.data, mask=s.mask > 0, affine=s.affine, thickness_mm=s.thickness_mm, name=f"s{k}")
+            for k, s in enumerate(sim.stacks)]
+

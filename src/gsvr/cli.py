@@ -116,7 +116,7 @@ def _add_input_flags(r: argparse.ArgumentParser) -> None:
     r.add_argument("--config", metavar="YAML", help="reconstruction settings (see config/recon_default.yaml)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"))
     r.add_argument("--registration", choices=("stack", "none"),
-                   help="rigid stack-to-stack alignment with a multi-start over rotations before SVR (default: none)")
+                   help="rigid stack-to-stack alignment with a multi-start over rotations before SVR (default: stack; none keeps the header geometry)")
     r.add_argument("--seed", type=int)
     r.add_argument("--no-progress", action="store_true")
 

@@ -14,7 +14,8 @@ from gsvr.recon.engine import reconstruct
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 
 SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
-# Every stage runs and is checkpointed: 3 SVR cycles, 20 fit steps, 20 joint steps on half batches (random).
+# Every stage runs and is checkpointed: 5 SVR cycles (2 whole-stack, 3 slice), 20 fit steps, 20 joint steps on half
+# batches (random).
 CFG = ReconConfig(n_gaussians=3000, k_neighbors=12, output_resolution_mm=1.6, seed=0, svr_spacings_mm=(3.2, 2.4, 2.4),
                   init_fit_steps=20, iterations=20, knn_every=5, weight_every=5, checkpoint_every=5, batch_fraction=0.5)
 
@@ -45,7 +46,7 @@ def _interrupt_after(monkeypatch, n_saves):
     monkeypatch.setattr(ckmod.Checkpointer, "save", save)
 
 
-@pytest.mark.parametrize("n_saves,stage,step", [(2, "svr", 2), (5, "fit", 10), (9, "joint", 15)])
+@pytest.mark.parametrize("n_saves,stage,step", [(2, "svr", 2), (7, "fit", 10), (11, "joint", 15)])
 def test_resume_from_each_stage_gives_the_uninterrupted_result(stacks, uninterrupted, tmp_path, monkeypatch, n_saves, stage, step):
     path = tmp_path / "run.ckpt"
     with monkeypatch.context() as m:

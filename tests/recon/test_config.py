@@ -60,3 +60,15 @@ def test_lists_from_yaml_become_tuples():
     assert cfg.svr_spacings_mm == (3.0, 1.5)
     with pytest.raises(GsvrError, match="svr_spacings_mm"):
         ReconConfig.from_dict({"svr_spacings_mm": []})
+
+
+def test_progressive_grid_settings_are_checked():
+    cfg = ReconConfig.from_dict({"progressive_spacings_mm": [3, 1.5], "progressive_milestones": [40]})
+    assert cfg.progressive_spacings_mm == (3.0, 1.5) and cfg.progressive_milestones == (40,)
+    for bad in ({"progressive_spacings_mm": [3, 1.5]}, {"progressive_spacings_mm": [3], "progressive_milestones": [5]},
+                {"progressive_spacings_mm": [3, 2, 1], "progressive_milestones": [50, 20]},
+                {"progressive_spacings_mm": [3, 2], "progressive_milestones": [0]}):
+        with pytest.raises(GsvrError, match="progressive_milestones"):
+            ReconConfig.from_dict(bad)
+    with pytest.raises(GsvrError, match="SVR volume"):
+        ReconConfig(progressive_spacings_mm=(2.0,), motion=False)

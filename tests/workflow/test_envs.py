@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: conda-forge package -> the module it provides (the packages our environments list)
 MODULES = {"pytorch": "torch", "faiss-cpu": "faiss", "numpy": "numpy", "scipy": "scipy", "nibabel": "nibabel",
            "simpleitk": "SimpleITK", "scikit-image": "skimage", "pandas": "pandas", "pyyaml": "yaml", "tqdm": "tqdm",
-           "matplotlib-base": "matplotlib", "antspyx": "ants"}
+           "matplotlib-base": "matplotlib", "antspyx": "ants", "torchmetrics": "torchmetrics"}
 
 
 def _rules():

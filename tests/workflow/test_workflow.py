@@ -44,6 +44,24 @@ def test_ablation_config_plans_every_row_of_gsvr_table_2():
     assert res.returncode == 0, res.stderr + res.stdout
     for method in ("gsvr_N10k", "gsvr_N80k", "gsvr_K10", "gsvr_K80", "gsvr_noAdaptiveInit", "gsvr_joint_noPSF", "gsvr_joint_noReg"):
         assert f"method={method}" in res.stdout, method
+    assert "results/tables/ablation_gsvr.md" in res.stdout
+
+
+@pytest.mark.parametrize("name,methods", [("mgaussian", ("mg_full", "mg_noSSIM", "mg_noSSIM_noPR", "mg_noNRF", "mg_noAniso", "mg_topK")),
+                                          ("gaussiansvr", ("gs_full", "gs_noMultires", "gs_noJointMotion"))])
+def test_paper_ablation_configs_plan_their_rows_and_table(name, methods):
+    res = _snakemake("-n", "--cores", "1", "--nolock", "--forceall", "--configfile", f"config/ablation_{name}.yaml")
+    assert res.returncode == 0, res.stderr + res.stdout
+    for method in methods:
+        assert f"method={method}" in res.stdout, method
+    assert f"results/tables/ablation_{name}.md" in res.stdout
+
+
+def test_an_ablation_row_naming_an_unknown_method_is_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ablations:\n  x:\n    full: gsvr\n    typo: gsvr_nosuch\n")
+    res = _snakemake("-n", "--cores", "1", "--nolock", "--configfile", str(bad))
+    assert res.returncode != 0 and "gsvr_nosuch" in res.stderr + res.stdout
 
 
 

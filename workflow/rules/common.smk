@@ -44,6 +44,11 @@ ASSESS_METHODS = [m for m in config.get("assess_methods", METHODS) if m not in N
 # Subjects given a label map in the sheet get the segmentation evaluation (when `segmentation:` is set).
 SEGMENTED = ([s for s in SUBJECTS.index if "labels" in SUBJECTS and not pd.isna(SUBJECTS.loc[s, "labels"])]
              if config.get("segmentation") else [])
+ABLATIONS = sorted(config.get("ablations") or {}) if len(SUBJECTS) else []
+for _name in ABLATIONS:
+    _unknown = sorted(set(config["ablations"][_name].values()) - set(METHODS))
+    if _unknown:
+        raise ValueError(f"ablations.{_name} names methods that are not configured (or not installed): {', '.join(_unknown)}")
 if "ground_truth" in config["methods"]:
     raise ValueError("methods: 'ground_truth' is reserved (the segmentation table's row for the ground truth itself)")
 

@@ -55,3 +55,19 @@ rule aggregate_assess:
         "../../envs/evaluate.yaml"
     script:
         "../scripts/aggregate.py"
+
+
+# Ablations (config `ablations:`): rows of the quality table in a paper's layout, with differences to the first row.
+rule aggregate_ablation:
+    input:
+        "results/tables/per_subject.csv",
+    output:
+        "results/tables/ablation_{name}.md",
+    params:
+        rows=lambda wildcards: config["ablations"][wildcards.name],
+    log:
+        "logs/aggregate_ablation_{name}.log",
+    conda:
+        "../../envs/evaluate.yaml"
+    script:
+        "../scripts/ablation.py"

@@ -105,3 +105,28 @@ def segmentation_table(score_tsv: Sequence[str], subjects: Sequence[str], method
     with atomic_output(table_md) as tmp:
         tmp.write_text("\n".join(parts))
     return df
+
+
+def ablation_table(per_subject_csv: str, rows: Mapping[str, str], *, table_md: str, title: str = "") -> pd.DataFrame:
+    """An ablation in a paper's layout from the quality table's per-subject rows: one row per entry of
+    ``rows`` (label -> method; the first is the reference), mean PSNR/SSIM/NCC/time over the subjects,
+    and the PSNR and SSIM differences to the reference row."""
+    df = pd.read_csv(per_subject_csv)
+    missing = sorted(set(rows.values()) - set(df["method"]))
+    if missing:
+        raise ValueError(f"{per_subject_csv}: no results for ablation method(s) {', '.join(missing)}")
+    means = df.groupby("method")[["psnr", "ssim", "ncc", "time_s"]].mean()
+    ref = means.loc[next(iter(rows.values()))]
+    lines = ([f"### {title}", ""] if title else []) + [
+        f"Mean over {df['subject'].nunique()} subject(s); Δ against the first row.", "",
+        "| variant | method | PSNR | SSIM | NCC | time s | Δ PSNR | Δ SSIM |", "|---|---|---|---|---|---|---|---|"]
+    out = []
+    for label, method in rows.items():
+        m = means.loc[method]
+        lines.append(f"| {label} | {method} | {m.psnr:.2f} | {m.ssim:.4f} | {m.ncc:.3f} | {m.time_s:.1f} | "
+                     f"{m.psnr - ref.psnr:+.2f} | {m.ssim - ref.ssim:+.4f} |")
+        out.append({"variant": label, "method": method, **m.to_dict(), "d_psnr": m.psnr - ref.psnr, "d_ssim": m.ssim - ref.ssim})
+    with atomic_output(table_md) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return pd.DataFrame(out)
+

@@ -27,6 +27,12 @@ class GaussianField(nn.Module):
         self.values = nn.Parameter(values.float())
         self.mode = mode
 
+    @torch.no_grad()
+    def replace_with(self, other: "GaussianField") -> None:
+        """Take over ``other``'s Gaussians (new Parameters: the number of Gaussians may change)."""
+        for name in ("means", "log_scales", "quats", "values"):
+            setattr(self, name, nn.Parameter(getattr(other, name).detach().clone()))
+
     @property
     def n(self) -> int:
         return self.means.shape[0]

@@ -78,3 +78,41 @@ def _knn_torch(points: Tensor, queries: Tensor, k: int, chunk: int = 8192) -> Te
         d = torch.cdist(queries[start : start + chunk].detach().float(), pts)
         out.append(d.topk(k, dim=1, largest=False).indices)
     return torch.cat(out) if out else torch.empty(0, k, dtype=torch.int64, device=queries.device)
+
+
+def block_query(points: Tensor, queries: Tensor, block_mm: float, radius: int) -> Tensor:
+    """M-Gaussian's block neighbour query: every point in the blocks (cubes of side ``block_mm`` on a
+    common lattice) within ``radius`` blocks (per axis) of each query's block. A superset of the points
+    within ``radius * block_mm`` of the query.
+
+    Returns:
+        [P, M] int64 indices into ``points`` (M: the largest count over the queries), padded with N
+        (one past the last point), on the device of ``queries``; nearest first.
+    """
+    dev = queries.device
+    pts, qs = points.detach().to(dev), queries.detach()
+    n = pts.shape[0]
+    lo = torch.minimum(pts.min(0).values, qs.min(0).values)
+    bp = torch.floor((pts - lo) / block_mm).long() + radius
+    bq = torch.floor((qs - lo) / block_mm).long() + radius
+    dims = torch.maximum(bp.max(0).values, bq.max(0).values) + radius + 1
+    strides = torch.tensor([int(dims[1] * dims[2]), int(dims[2]), 1], device=dev)
+    key_p = (bp * strides).sum(-1)
+    order = torch.argsort(key_p)
+    counts = torch.bincount(key_p, minlength=int(dims.prod()))
+    starts = torch.cumsum(counts, 0) - counts
+    offsets = torch.stack(torch.meshgrid(*[torch.arange(-radius, radius + 1, device=dev)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    keys = (bq * strides).sum(-1)[:, None] + (offsets * strides).sum(-1)[None, :]  # [P, B] neighbouring blocks
+    c, s = counts[keys], starts[keys]  # [P, B]
+    total = c.sum(-1)
+    width = max(int(total.max()), 1)
+    out = torch.full((len(qs), width), n, dtype=torch.long, device=dev)
+    col = torch.cumsum(c, -1) - c  # first column of each block's points
+    rows = torch.arange(len(qs), device=dev)[:, None].expand_as(c)
+    for j in range(int(counts.max()) if n else 0):
+        inside = c > j
+        out[rows[inside], (col + j)[inside]] = order[(s + j)[inside]]
+    # Nearest first (pads last), as knn() orders its neighbours.
+    valid = out < n
+    dist = torch.where(valid, (pts[out.clamp_max(n - 1)] - qs[:, None, :]).square().sum(-1), torch.inf)
+    return torch.gather(out, 1, torch.argsort(dist, dim=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,6 +31,8 @@ class SliceData:
         axes: [M, 3, 3] slice axes (columns: in-plane x, in-plane y, unit normal).
         psf_sigma: [M, 3] PSF standard deviations along those axes (mm).
         stack_of_slice: [M] stack index; slice_in_stack: [M] index along the stack's third axis.
+        pixel_ij: [P, 2] in-plane index of each pixel within its slice's mask bounding box (whole-slice
+            losses lay the pixels out as images of ``slice_shape``).
         origin_mm: [3] float64 world offset added back on output.
         intensity_scale: the normalising quantile (input units per normalised unit).
     """
@@ -47,6 +50,7 @@ class SliceData:
     origin_mm: np.ndarray
     intensity_scale: float
     stack_names: list[str]
+    pixel_ij: Tensor | None = None
 
     @property
     def n_slices(self) -> int:
@@ -57,21 +61,25 @@ class SliceData:
         return int(self.x0.shape[0])
 
 
-def build_slice_data(stacks: Sequence[Stack], *, quantile: float, device: torch.device) -> SliceData:
+def build_slice_data(stacks: Sequence[Stack], *, quantile: float, device: torch.device,
+                     like: SliceData | None = None) -> SliceData:
     """Gather the in-mask pixels of every slice of every stack.
 
     Intensities are divided by the ``quantile`` of all in-mask voxels (robust to outliers).
-    Slices whose mask is empty are dropped.
+    Slices whose mask is empty are dropped. ``like``: take the origin and intensity scale of that
+    slice data instead (the same stacks at another resolution share the field's frame and units).
     """
-    masked = np.concatenate([s.data[s.mask] for s in stacks])
-    scale = float(np.quantile(masked, quantile))
-    if not np.isfinite(scale) or scale <= 0:
-        names = ", ".join(s.name for s in stacks)
-        raise GsvrError(f"{names}: the {quantile} quantile of in-mask intensities is {scale}; the stacks are empty or non-positive inside their masks")
-    all_world = np.concatenate([_world(s.affine, np.argwhere(s.mask)) for s in stacks])
-    origin = all_world.mean(0)
+    if like is not None:
+        scale, origin = like.intensity_scale, like.origin_mm
+    else:
+        masked = np.concatenate([s.data[s.mask] for s in stacks])
+        scale = float(np.quantile(masked, quantile))
+        if not np.isfinite(scale) or scale <= 0:
+            names = ", ".join(s.name for s in stacks)
+            raise GsvrError(f"{names}: the {quantile} quantile of in-mask intensities is {scale}; the stacks are empty or non-positive inside their masks")
+        origin = np.concatenate([_world(s.affine, np.argwhere(s.mask)) for s in stacks]).mean(0)
 
-    x0, y, sid, grad, jit = [], [], [], [], []
+    x0, y, sid, grad, jit, pix = [], [], [], [], [], []
     centre, axes, sigma, stack_of, slice_in = [], [], [], [], []
     for si, s in enumerate(stacks):
         ax = slice_axes(s.affine)
@@ -88,6 +96,7 @@ def build_slice_data(stacks: Sequence[Stack], *, quantile: float, device: torch.
             if not m.any():
                 continue
             ij = np.argwhere(m)
+            pix.append(ij - ij.min(0))
             ijk = np.concatenate([ij, np.full((len(ij), 1), z)], 1)
             w = _world(s.affine, ijk) - origin
             gi = len(centre)
@@ -116,6 +125,7 @@ def build_slice_data(stacks: Sequence[Stack], *, quantile: float, device: torch.
         origin_mm=origin,
         intensity_scale=scale,
         stack_names=[s.name for s in stacks],
+        pixel_ij=torch.as_tensor(np.concatenate(pix), dtype=torch.int64, device=device),
     )
 
 
@@ -156,3 +166,33 @@ def transform_points(x0: Tensor, sid: Tensor, centre: Tensor, rotation: Tensor, 
     """Apply each pixel's slice motion: [P, 3] -> [P, 3]."""
     c = centre[sid]
     return (rotation[sid] @ (x0 - c)[:, :, None])[:, :, 0] + c + trans[sid]
+
+
+def downsample_inplane(stack: Stack, factor: int = 2) -> Stack:
+    """The stack with ``factor`` x ``factor`` in-plane blocks averaged (GaussianSVR's coarse level): the
+    affine's in-plane axes grow by ``factor`` and its origin moves to the first block's centre; a block
+    is in the mask when most of it is; slices and thickness are kept."""
+    nx, ny, nz = (stack.data.shape[0] // factor) * factor, (stack.data.shape[1] // factor) * factor, stack.data.shape[2]
+    if nx == 0 or ny == 0:
+        raise GsvrError(f"{stack.name}: too small to downsample in plane by {factor}")
+
+    def blocks(a: np.ndarray) -> np.ndarray:
+        return a[:nx, :ny].reshape(nx // factor, factor, ny // factor, factor, nz).mean((1, 3))
+
+    affine = stack.affine.copy()
+    affine[:3, 3] += (factor - 1) / 2 * (affine[:3, 0] + affine[:3, 1])
+    affine[:3, :2] *= factor
+    return dataclasses.replace(stack, data=blocks(stack.data.astype(np.float32)), mask=blocks(stack.mask.astype(np.float32)) > 0.5,
+                               affine=affine)
+
+
+def motion_about_centres(motion: SliceMotion, centre: Tensor, new_centre: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The motions of slices ``rows`` re-expressed about other slice centres [len(rows), 3]: the same rigid
+    map x -> R (x - c) + c + t written as R (x - c') + c' + t' with t' = t + (R - I)(c' - c). Returns
+    (rotvec, trans, log_scale) for those slices."""
+    with torch.no_grad():
+        rot = motion.rotation()[rows]
+        d = new_centre - centre[rows]
+        trans = motion.trans[rows] + (rot @ d[:, :, None])[:, :, 0] - d
+        return motion.rotvec[rows].clone(), trans, motion.log_scale[rows].clone()
+
