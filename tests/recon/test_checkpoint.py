@@ -16,7 +16,8 @@ from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
 # Every stage runs and is checkpointed: 5 SVR cycles (2 whole-stack, 3 slice), 20 fit steps, 20 joint steps on half
 # batches (random).
-CFG = ReconConfig(n_gaussians=3000, k_neighbors=12, output_resolution_mm=1.6, seed=0, svr_spacings_mm=(3.2, 2.4, 2.4),
+# (No stack multi-start: it runs before the first checkpoint and only costs time here.)
+CFG = ReconConfig(n_gaussians=3000, k_neighbors=12, output_resolution_mm=1.6, seed=0, svr_spacings_mm=(3.2, 2.4, 2.4), registration="none",
                   init_fit_steps=20, iterations=20, knn_every=5, weight_every=5, checkpoint_every=5, batch_fraction=0.5)
 
 

@@ -68,7 +68,8 @@ def test_sample_volume_renders_a_saved_model_at_another_resolution(small_subject
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(n_stacks=2, seed=6, **SIM))
     res = reconstruct(_stacks(sim), ReconConfig(n_gaussians=1500, k_neighbors=8, iterations=4, output_resolution_mm=3.2,
-                                                         svr_spacings_mm=(3.2, 3.2, 2.4), init_fit_steps=20), progress=False)
+                                                         svr_spacings_mm=(3.2, 3.2, 2.4), init_fit_steps=20, registration="none"),
+                      progress=False)
     save_model(tmp_path / "m.pt", res.model)
     model = load_model(tmp_path / "m.pt")
     same = sample_volume(model, resolution_mm=3.2)
