@@ -66,8 +66,7 @@ class GaussianGrid:
         intensities less, and averaging log scales changes each Gaussian's mass); the new intensities
         are therefore multiplied by old / new rendered value at the new means (``k`` neighbours, as the
         renderer uses), so the field before and after the switch agree at the nodes."""
-        box = VoxelGrid(self.grid.corner_mm, self.grid.spacing_mm, self.grid.shape)
-        new = GaussianGrid.inside(box, spacing_mm, support)
+        new = GaussianGrid.inside(self.grid, spacing_mm, support)
         dev = field.means.device
         old_pos = self.positions(dev)
         quats = F.normalize(field.quats, dim=-1)

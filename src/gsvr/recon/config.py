@@ -137,24 +137,29 @@ class ReconConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise GsvrError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not self.svr_spacings_mm or any(not isinstance(v, (int, float)) or v <= 0 for v in self.svr_spacings_mm):
-            raise GsvrError(f"config: svr_spacings_mm must be a non-empty list of positive spacings, got {self.svr_spacings_mm!r}")
-        if any(not isinstance(v, (int, float)) or v <= 0 for v in self.svr_stack_spacings_mm):
-            raise GsvrError(f"config: svr_stack_spacings_mm must be a list of positive spacings, got {self.svr_stack_spacings_mm!r}")
-        for name in ("iterations", "multires_steps", "init_fit_steps", "svr_translation_only_cycles", "svr_registration_steps", "svr_cg_iterations",
-                     "checkpoint_every"):
+        for name, may_be_empty in (("svr_spacings_mm", False), ("svr_stack_spacings_mm", True), ("progressive_spacings_mm", True)):
+            spacings = getattr(self, name)
+            if (not spacings and not may_be_empty) or any(not isinstance(v, (int, float)) or v <= 0 for v in spacings):
+                raise GsvrError(f"config: {name} must be a {'' if may_be_empty else 'non-empty '}list of positive spacings, "
+                                f"got {spacings!r}")
+        for name in ("iterations", "multires_steps", "init_fit_steps", "svr_translation_only_cycles", "svr_registration_steps",
+                     "svr_cg_iterations", "checkpoint_every", "ssim_weight", "tv_weight", "aniso_weight", "nrf_start", "nrf_bands",
+                     "block_mm", "block_radius", "densify_every", "densify_until", "prune_fraction"):
             if getattr(self, name) < 0:
                 raise GsvrError(f"config: {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("ssim_weight", "tv_weight", "aniso_weight", "nrf_start", "nrf_bands"):
-            if getattr(self, name) < 0:
-                raise GsvrError(f"config: {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("smooth_l1_beta", "nrf_bound", "aniso_max_ratio"):
+        for name in ("smooth_l1_beta", "nrf_bound", "aniso_max_ratio", "grid_scale", "split_scale_mm", "output_resolution_mm"):
             if getattr(self, name) <= 0:
                 raise GsvrError(f"config: {name} must be > 0, got {getattr(self, name)}")
+        for name in ("n_gaussians", "k_neighbors", "chunk_pixels", "knn_every", "weight_every", "step_size", "nrf_hidden",
+                     "nrf_layers", "max_gaussians"):
+            if getattr(self, name) < 1:
+                raise GsvrError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         if self.aniso_max_ratio < 1:
             raise GsvrError(f"config: aniso_max_ratio must be >= 1, got {self.aniso_max_ratio}")
-        if any(not isinstance(v, (int, float)) or v <= 0 for v in self.progressive_spacings_mm):
-            raise GsvrError(f"config: progressive_spacings_mm must be positive spacings, got {self.progressive_spacings_mm!r}")
+        if self.ssim_window < 3 or self.ssim_window % 2 == 0:
+            raise GsvrError(f"config: ssim_window must be an odd number >= 3, got {self.ssim_window}")
+        if not 0 < self.densify_fraction <= 1:
+            raise GsvrError(f"config: densify_fraction must be in (0, 1], got {self.densify_fraction}")
         miles = self.progressive_milestones
         if len(miles) != max(len(self.progressive_spacings_mm) - 1, 0) or any(
                 not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in miles) or list(miles) != sorted(set(miles)):
@@ -163,28 +168,11 @@ class ReconConfig:
         if self.progressive_spacings_mm and not (self.motion and self.init_motion == "svr" and self.init_from_svr):
             raise GsvrError("config: progressive_spacings_mm starts the grid from the SVR volume: it needs motion, "
                             "init_motion: svr and init_from_svr")
-        if self.block_mm < 0 or self.block_radius < 0:
-            raise GsvrError(f"config: block_mm and block_radius must be >= 0, got {self.block_mm}, {self.block_radius}")
-        for name in ("densify_every", "densify_until", "prune_fraction"):
-            if getattr(self, name) < 0:
-                raise GsvrError(f"config: {name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.densify_fraction <= 1 or self.split_scale_mm <= 0 or self.max_gaussians < 1:
-            raise GsvrError("config: densify_fraction must be in (0, 1], split_scale_mm > 0 and max_gaussians >= 1")
         if self.densify_every and len(self.progressive_spacings_mm) > 1:
             raise GsvrError("config: densify_every and a progressive grid (refinements interpolate on the grid's nodes) "
                             "cannot be combined")
-        if self.grid_scale <= 0:
-            raise GsvrError(f"config: grid_scale must be > 0, got {self.grid_scale}")
-        if self.ssim_window < 3 or self.ssim_window % 2 == 0:
-            raise GsvrError(f"config: ssim_window must be an odd number >= 3, got {self.ssim_window}")
-        for name in ("n_gaussians", "k_neighbors", "chunk_pixels", "knn_every", "weight_every", "step_size", "nrf_hidden",
-                     "nrf_layers"):
-            if getattr(self, name) < 1:
-                raise GsvrError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.batch_fraction <= 1:
             raise GsvrError(f"config: batch_fraction must be in (0, 1], got {self.batch_fraction}")
-        if self.output_resolution_mm <= 0:
-            raise GsvrError(f"config: output_resolution_mm must be > 0, got {self.output_resolution_mm}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, *, source: str = "config") -> "ReconConfig":

@@ -30,7 +30,7 @@ from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.checkpoint import Checkpointer, fingerprint
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.losses import SliceImages, pixel_loss, slice_image_terms
-from gsvr.recon.svr import SvrState, support_mask, svr_cycles
+from gsvr.recon.svr import SvrState, support_mask, svr_cycles, within_radius
 from gsvr.recon.slices import (SliceData, SliceMotion, build_slice_data, downsample_inplane, motion_about_centres,
                                transform_points)
 from gsvr.recon.volume import SampledVolume, sample_volume
@@ -280,11 +280,12 @@ def _reconstruct(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, ck: 
     elif svr is not None and cfg.init_from_svr:
         with torch.no_grad():
             x_now = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
-        covered = support_mask(svr.grid, x_now, _support_radius(stacks))
+        radius = _support_radius(stacks)
+        covered = support_mask(svr.grid, x_now, radius)
         state = ck.resumes("fit")  # None unless resuming inside the fit
         if cfg.progressive_spacings_mm:
-            progressive = _Progressive(GaussianGrid.inside(svr.grid, cfg.progressive_spacings_mm[0],
-                                                           _near(x_now, _support_radius(stacks))), _support_radius(stacks))
+            progressive = _Progressive(GaussianGrid.inside(svr.grid, cfg.progressive_spacings_mm[0], _near(x_now, radius)),
+                                       radius)
         if state:
             field_ = GaussianField.from_state(state["field"], device)
         elif progressive is not None:
@@ -389,13 +390,8 @@ class _Progressive:
 
 
 def _near(points_mm: Tensor, radius_mm: float):
-    """Support test: [Q, 3] -> [Q] bool, within ``radius_mm`` of one of ``points_mm`` (the in-mask pixels)."""
-
-    def inside(q: Tensor) -> Tensor:
-        q = q.to(points_mm.device)
-        return (q - points_mm[knn(points_mm, q, 1, backend="auto")[:, 0]]).norm(dim=-1) <= radius_mm
-
-    return inside
+    """Support test of a grid's nodes: [Q, 3] -> [Q] bool, within ``radius_mm`` of the in-mask pixels."""
+    return lambda queries: within_radius(points_mm, queries, radius_mm)
 
 
 def _init_field_on_grid(svr: SvrState, grid: GaussianGrid, cfg: ReconConfig, *, k: int) -> GaussianField:

@@ -37,8 +37,6 @@ class SliceImages:
     """Scatter of pixel values [P] into slice images [M, 1, H, W] (H, W: the largest mask bounding box)."""
 
     def __init__(self, data: SliceData) -> None:
-        if data.pixel_ij is None:
-            raise GsvrError("whole-slice losses need the pixels' in-plane indices (SliceData.pixel_ij)")
         self.n_slices = data.n_slices
         self.shape = tuple(int(v) + 1 for v in data.pixel_ij.max(0).values.tolist())
         h, w = self.shape

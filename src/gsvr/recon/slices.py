@@ -32,7 +32,7 @@ class SliceData:
         psf_sigma: [M, 3] PSF standard deviations along those axes (mm).
         stack_of_slice: [M] stack index; slice_in_stack: [M] index along the stack's third axis.
         pixel_ij: [P, 2] in-plane index of each pixel within its slice's mask bounding box (whole-slice
-            losses lay the pixels out as images of ``slice_shape``).
+            losses lay the pixels out as images, see :class:`gsvr.recon.losses.SliceImages`).
         origin_mm: [3] float64 world offset added back on output.
         intensity_scale: the normalising quantile (input units per normalised unit).
     """
@@ -50,7 +50,7 @@ class SliceData:
     origin_mm: np.ndarray
     intensity_scale: float
     stack_names: list[str]
-    pixel_ij: Tensor | None = None
+    pixel_ij: Tensor
 
     @property
     def n_slices(self) -> int:

@@ -413,11 +413,16 @@ def em_robust_weights(residuals: Tensor, sid: Tensor, n_slices: int, iterations:
 
 
 @torch.no_grad()
+def within_radius(points_mm: Tensor, queries_mm: Tensor, radius_mm: float) -> Tensor:
+    """[Q] bool: queries [Q, 3] within ``radius_mm`` of some point of ``points_mm`` [P, 3]."""
+    queries_mm = queries_mm.to(points_mm.device)
+    near = knn(points_mm, queries_mm, 1, backend="auto")[:, 0]
+    return (queries_mm - points_mm[near]).norm(dim=-1) <= radius_mm
+
+
 def support_mask(grid: VoxelGrid, points_mm: Tensor, radius_mm: float) -> Tensor:
     """[I, J, K] bool: voxels within ``radius_mm`` of some point of ``points_mm`` [P, 3] (the in-mask pixels)."""
-    pts = grid.points(points_mm.device).reshape(-1, 3)
-    near = knn(points_mm, pts, 1, backend="auto")[:, 0]
-    return ((pts - points_mm[near]).norm(dim=-1) <= radius_mm).reshape(grid.shape)
+    return within_radius(points_mm, grid.points(points_mm.device).reshape(-1, 3), radius_mm).reshape(grid.shape)
 
 
 @torch.no_grad()
