@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -110,9 +111,28 @@ def _normalised(img):
     return img / (peak if peak > 0 else 1.0)
 
 
+@contextmanager
+def _private_tempdir():
+    """Point ``tempfile``'s default folder at a fresh folder removed on exit. antspyx names its
+    registration transforms and joint-label-fusion probability maps with ``tempfile.mktemp`` and never
+    deletes them: a cohort run would otherwise leave about 50 files per segmentation in /tmp."""
+    previous = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix="gsvr-ants-") as tmp:
+        tempfile.tempdir = tmp
+        try:
+            yield tmp
+        finally:
+            tempfile.tempdir = previous
+
+
 def segment_multi_atlas(volume_path: str | os.PathLike, atlases: Sequence[str | os.PathLike],
                         settings: SegmentationSettings = SegmentationSettings()) -> tuple[np.ndarray, np.ndarray]:
     """Label map [X, Y, Z] (int16, FeTA numbers before merging) on the volume's own grid, and its affine."""
+    with _private_tempdir():
+        return _segment_multi_atlas(volume_path, atlases, settings)
+
+
+def _segment_multi_atlas(volume_path, atlases, settings):
     ants = _ants()
     import nibabel as nib
 
