@@ -82,7 +82,7 @@ def _centroid_lps(stack: Stack) -> np.ndarray:
     return _LPS @ (stack.affine[:3, :3] @ idx + stack.affine[:3, 3])
 
 
-def _registration(*, iterations: int, fixed_mask, moving_mask, seed: int, step: float = 1.0, sampling: float = 0.5):
+def _registration(*, iterations: int, fixed_mask, moving_mask, seed: int, step: float = 1.0, sampling: float = 0.25):
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()
     reg.SetMetricFixedMask(fixed_mask)
@@ -142,7 +142,7 @@ def register_stack(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, 
     header.SetCenter(c_fixed.tolist())
     refined = []
     for _, tx in [(None, header)] + sorted(trials, key=lambda t: t[0])[:top]:
-        reg = _registration(iterations=200, fixed_mask=f_fine_mask, moving_mask=m_mask, seed=seed, sampling=1.0)
+        reg = _registration(iterations=200, fixed_mask=f_fine_mask, moving_mask=m_mask, seed=seed, sampling=0.25)
         reg.SetInitialTransform(tx, inPlace=True)
         try:
             reg.Execute(f_fine, m_img)
