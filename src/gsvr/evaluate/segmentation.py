@@ -132,7 +132,8 @@ def segment_multi_atlas(volume_path: str | os.PathLike, atlases: Sequence[str | 
         return _segment_multi_atlas(volume_path, atlases, settings)
 
 
-def _segment_multi_atlas(volume_path, atlases, settings):
+def _segment_multi_atlas(volume_path: str | os.PathLike, atlases: Sequence[str | os.PathLike],
+                         settings: SegmentationSettings) -> tuple[np.ndarray, np.ndarray]:
     ants = _ants()
     import nibabel as nib
 

@@ -142,7 +142,7 @@ def register_stack(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, 
     header.SetCenter(c_fixed.tolist())
     refined = []
     for _, tx in [(None, header)] + sorted(trials, key=lambda t: t[0])[:top]:
-        reg = _registration(iterations=200, fixed_mask=f_fine_mask, moving_mask=m_mask, seed=seed, sampling=0.25)
+        reg = _registration(iterations=200, fixed_mask=f_fine_mask, moving_mask=m_mask, seed=seed)
         reg.SetInitialTransform(tx, inPlace=True)
         try:
             reg.Execute(f_fine, m_img)
