@@ -97,7 +97,8 @@ def _write_tiny_cohort(root, small_subject):
     pd.DataFrame([{"subject": "acq", "dataset": "test", "stacks": " ".join(f"../data/{n}.nii.gz" for n in names),
                    "masks": " ".join(f"../data/{n}_mask.nii.gz" for n in names), "thicknesses": "4 4 4"}]).to_csv(
         cfg_dir / "acquired.tsv", sep="\t", index=False)
-    fast = dict(n_gaussians=4000, k_neighbors=16, output_resolution_mm=1.6, seed=0, svr_spacings_mm=[3.2, 3.2, 2.4])
+    fast = dict(n_gaussians=4000, k_neighbors=16, output_resolution_mm=1.6, seed=0, svr_spacings_mm=[3.2, 3.2, 2.4],
+                svr_stack_spacings_mm=[3.2], init_fit_steps=30)
     config = {
         "subjects": "config/subjects.tsv", "acquired": "config/acquired.tsv", "assess_methods": ["svr_classic"],
         "simulation": sim_cfg, "preprocess": {"crop_margin_mm": 8.0, "n4": False, "standardise": True},
@@ -144,3 +145,21 @@ def test_tiny_end_to_end_run_fills_the_tables_and_a_second_run_does_nothing(tmp_
         assert (tmp_path / f).is_file(), f
     again = _snakemake(*args, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
+
+
+def test_the_cpu_sized_override_shortens_the_ablation_rows_and_keeps_their_components():
+    import yaml
+    from snakemake.utils import update_config
+
+    config = {}
+    for name in ("config.yaml", "ablation_mgaussian.yaml", "ablation_gaussiansvr.yaml", "ablation_cpu.yaml"):
+        update_config(config, yaml.safe_load((ROOT / "config" / name).read_text()))
+    methods = config["methods"]
+    assert methods["mg_full"]["iterations"] == 40 and methods["mg_full"]["neighbour_query"] == "block"
+    assert methods["mg_noSSIM_noPR"]["progressive_spacings_mm"] == [1.2] and methods["mg_noSSIM"]["ssim_weight"] == 0.0
+    assert methods["gs_full"]["multires_steps"] == 20 and methods["gs_full"]["ssim_weight"] == 0.2
+    assert methods["svr_classic"]["engine"] == "svr_classic"
+    res = _snakemake("-n", "--cores", "1", "--nolock", "--forceall", "--configfile", "config/ablation_mgaussian.yaml",
+                     "config/ablation_gaussiansvr.yaml", "config/ablation_cpu.yaml")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "results/tables/ablation_mgaussian.md" in res.stdout and "results/tables/ablation_gaussiansvr.md" in res.stdout
