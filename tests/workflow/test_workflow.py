@@ -152,13 +152,14 @@ def test_the_cpu_sized_override_shortens_the_ablation_rows_and_keeps_their_compo
     from snakemake.utils import update_config
 
     config = {}
-    for name in ("config.yaml", "ablation_mgaussian.yaml", "ablation_gaussiansvr.yaml", "ablation_cpu.yaml"):
+    for name in ("config.yaml", "ablation_gsvr.yaml", "ablation_mgaussian.yaml", "ablation_gaussiansvr.yaml", "ablation_cpu.yaml"):
         update_config(config, yaml.safe_load((ROOT / "config" / name).read_text()))
     methods = config["methods"]
     assert methods["mg_full"]["iterations"] == 40 and methods["mg_full"]["neighbour_query"] == "block"
     assert methods["mg_noSSIM_noPR"]["progressive_spacings_mm"] == [1.2] and methods["mg_noSSIM"]["ssim_weight"] == 0.0
     assert methods["gs_full"]["multires_steps"] == 20 and methods["gs_full"]["ssim_weight"] == 0.2
     assert methods["svr_classic"]["engine"] == "svr_classic"
+    assert methods["gsvr_K10"] == {"k_neighbors": 10, "registration": "none"}
     res = _snakemake("-n", "--cores", "1", "--nolock", "--forceall", "--configfile", "config/ablation_mgaussian.yaml",
                      "config/ablation_gaussiansvr.yaml", "config/ablation_cpu.yaml")
     assert res.returncode == 0, res.stderr + res.stdout
