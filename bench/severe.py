@@ -35,7 +35,7 @@ def child(args) -> None:
     cfg = ReconConfig.from_yaml(args.config) if args.config else ReconConfig()
     method = "svr_classic" if args.mode == "svr_classic" else "gsvr"
     if method == "gsvr":
-        cfg = cfg.replace(render_mode=args.mode)
+        cfg = cfg.updated({"model.render_mode": args.mode})
     stacks = sorted(str(p) for p in Path(args.sim).glob("stack?.nii.gz"))
     masks = [s.replace(".nii.gz", "_mask.nii.gz") for s in stacks]
     t = time.perf_counter()

@@ -3,6 +3,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import interrupt_and_resume as _interrupt_and_resume
+from helpers import stacks_from_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo" / "GA23"
@@ -40,12 +42,23 @@ def small_subject(demo_paths):
 @pytest.fixture(scope="session")
 def tiny_stacks(small_subject):
     """Three orthogonal stacks simulated from the small subject: 1.6 mm in plane, 4 mm slices, no motion."""
-    from gsvr.io.nifti import Stack
     from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01,
                                                               fov_margin_mm=4.0, through_plane_samples=11, seed=4))
-    return [Stack(data=s.data, mask=s.mask > 0, affine=s.affine, thickness_mm=s.thickness_mm, name=f"s{k}")
-            for k, s in enumerate(sim.stacks)]
+    return stacks_from_simulation(sim)
+
+
+@pytest.fixture
+def interrupt_and_resume(monkeypatch, tmp_path):
+    """The interrupt-and-resume harness: ``interrupt_and_resume(stacks, cfg, when)`` runs ``reconstruct`` with a
+    checkpoint, interrupts it (KeyboardInterrupt, which must happen) right after the checkpoint ``when`` (the
+    n-th save, or ``(stage, step)``), resumes from that checkpoint and returns ``helpers.Resumed(state, result,
+    path)``; the caller compares ``result`` with an uninterrupted run."""
+
+    def run(stacks, cfg, when):
+        return _interrupt_and_resume(stacks, cfg, tmp_path / "run.ckpt", when, monkeypatch)
+
+    return run
 

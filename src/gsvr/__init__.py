@@ -7,7 +7,7 @@ modules (and the workflow's evaluation environment) do not need torch.
 from gsvr.errors import GsvrError
 from gsvr.io import Stack, load_stacks
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["GsvrError", "ReconConfig", "Result", "Stack", "load_stacks", "reconstruct", "__version__"]
 
 _LAZY = {"ReconConfig": "gsvr.recon.config", "Result": "gsvr.recon.engine", "reconstruct": "gsvr.recon.engine"}

@@ -61,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.set_defaults(func=_sample_volume)
 
+    k = sub.add_parser("config", help="print every reconstruction setting with its default, or migrate an old config file")
+    k.add_argument("--migrate", metavar="YAML", help="a config in the flat layout of gsvr 0.1: print it in sections")
+    k.set_defaults(func=_config)
+
     m = sub.add_parser("simulate", help="simulate motion-corrupted stacks from a ground-truth volume")
     m.add_argument("--input-volume", required=True, metavar="NII")
     m.add_argument("--input-mask", required=True, metavar="NII")
@@ -115,8 +119,9 @@ def _add_input_flags(r: argparse.ArgumentParser) -> None:
     r.add_argument("--output-resolution", type=float, metavar="MM", help="isotropic output voxel size (default 0.8)")
     r.add_argument("--config", metavar="YAML", help="reconstruction settings (see config/recon_default.yaml)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    r.add_argument("--registration", choices=("stack", "none"),
-                   help="rigid stack-to-stack alignment with a multi-start over rotations before SVR (default: stack; none keeps the header geometry)")
+    r.add_argument("--align", "--registration", dest="align", choices=("stack", "none"),
+                   help="rigid stack-to-stack alignment with a multi-start over rotations before SVR (default: stack; "
+                        "none keeps the header geometry); the config's align section")
     r.add_argument("--seed", type=int)
     r.add_argument("--no-progress", action="store_true")
 
@@ -132,9 +137,20 @@ def _recon_config(args: argparse.Namespace):
     from gsvr.recon.config import ReconConfig
 
     cfg = ReconConfig.from_yaml(args.config) if args.config else ReconConfig()
-    flags = {"output_resolution_mm": args.output_resolution, "device": args.device, "seed": args.seed,
-             "registration": args.registration}
-    return cfg.replace(**{k: v for k, v in flags.items() if v is not None})
+    flags = {"output.resolution_mm": args.output_resolution, "run.device": args.device, "run.seed": args.seed}
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if args.align == "none":
+        changes["align"] = None
+    elif args.align == "stack" and cfg.align is None:
+        changes["align"] = {}
+    return cfg.updated(changes, source="command line") if changes else cfg
+
+
+def _config(args: argparse.Namespace) -> int:
+    from gsvr.recon.config_reference import default_yaml, migrate_yaml
+
+    print(migrate_yaml(args.migrate) if args.migrate else default_yaml(), end="")
+    return 0
 
 
 def _reconstruct(args: argparse.Namespace) -> int:

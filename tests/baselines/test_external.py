@@ -12,7 +12,7 @@ MASKS = ["/d/ax_m.nii.gz", "/d/cor_m.nii.gz"]
 
 
 def test_nesvor_gets_the_same_inputs_with_its_own_flag_names():
-    s = ExternalSettings.from_dict({"engine": "nesvor", "output_resolution_mm": 0.5, "registration": "none"})
+    s = ExternalSettings.from_dict({"engine": "nesvor", "output": {"resolution_mm": 0.5}, "align": None})
     assert build_command(s, STACKS, MASKS, [3.0, 2.5], "/o/v.nii.gz") == [
         "nesvor", "reconstruct", "--input-stacks", *STACKS, "--stack-masks", *MASKS, "--output-volume", "/o/v.nii.gz",
         "--output-resolution", "0.5", "--registration", "none", "--thicknesses", "3", "2.5"]
@@ -37,7 +37,7 @@ def test_unknown_keys_and_downloaded_weights_are_refused():
     with pytest.raises(GsvrError, match="unknown keys"):
         ExternalSettings.from_dict({"engine": "nesvor", "iterations": 3})
     with pytest.raises(GsvrError, match="svort"):
-        ExternalSettings.from_dict({"engine": "nesvor", "registration": "svort"})
+        ExternalSettings.from_dict({"engine": "nesvor", "align": {"method": "svort"}})
 
 
 def test_a_missing_tool_is_reported_not_run(tmp_path, monkeypatch):

@@ -2,27 +2,26 @@
 
 import numpy as np
 import pytest
+from helpers import stacks_from_simulation
 from scipy import ndimage
 
 from gsvr.cli import main
 from gsvr.errors import GsvrError
 from gsvr.evaluate.assess import assess_stacks, compare_pixels, simulate_stack, slice_registered_fit
-from gsvr.io.nifti import Stack
 from gsvr.recon.config import ReconConfig
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 
 SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
 # Headers are right in these simulations: no stack multi-start (the default), which assess repeats per fold.
-FAST = dict(n_gaussians=6000, k_neighbors=16, output_resolution_mm=1.6, seed=0, svr_spacings_mm=(3.2, 3.2, 2.4, 2.4, 2.4),
-            registration="none")
+FAST = {"init": {"n_gaussians": 6000}, "model": {"k_neighbors": 16}, "output": {"resolution_mm": 1.6},
+        "svr": {"spacings_mm": [3.2, 3.2, 2.4, 2.4, 2.4]}, "align": None}
 
 
 def _stacks(small_subject, motion_deg, seed=4):
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, motion_rotation_deg=motion_deg,
                                                               motion_translation_mm=0.75 * motion_deg, seed=seed, **SIM))
-    return [Stack(data=s.data, mask=s.mask > 0, affine=s.affine, thickness_mm=s.thickness_mm, name=f"s{k}")
-            for k, s in enumerate(sim.stacks)]
+    return stacks_from_simulation(sim)
 
 
 def test_the_ground_truth_simulated_through_the_psf_matches_motion_free_slices(small_subject):
@@ -48,7 +47,7 @@ def test_the_transform_carries_the_volume_onto_the_stack(small_subject):
 def test_slice_registration_sees_a_blurred_volume_as_worse_despite_slice_motion(small_subject):
     vol, _, affine = small_subject
     stack = _stacks(small_subject, 4.0)[1]
-    cfg = ReconConfig(**FAST)
+    cfg = ReconConfig.from_dict(FAST)
     sharp = slice_registered_fit(vol, affine, stack, np.eye(4), cfg)
     blurred = slice_registered_fit(ndimage.gaussian_filter(vol, 2.0), affine, stack, np.eye(4), cfg)
     raw, _ = compare_pixels(simulate_stack(vol, affine, stack), stack.data[stack.mask].astype(float))
@@ -59,7 +58,7 @@ def test_slice_registration_sees_a_blurred_volume_as_worse_despite_slice_motion(
 @pytest.mark.slow
 def test_leave_one_stack_out_table_has_a_row_per_stack_and_the_mean(small_subject):
     stacks = _stacks(small_subject, 4.0)
-    table = assess_stacks(stacks, ReconConfig(**FAST), method="svr_classic", progress=False)
+    table = assess_stacks(stacks, ReconConfig.from_dict(FAST), method="svr_classic", progress=False)
     assert list(table["stack"]) == ["s0", "s1", "s2", "mean"]
     assert np.isfinite(table.drop(columns="stack").to_numpy(float)).all()
     # Slice registration removes the left-out stack's own motion, so it explains it better.
@@ -70,7 +69,7 @@ def test_leave_one_stack_out_table_has_a_row_per_stack_and_the_mean(small_subjec
 
 def test_assessment_needs_two_stacks(small_subject, tmp_path, capsys):
     with pytest.raises(GsvrError, match="at least 2 stacks"):
-        assess_stacks(_stacks(small_subject, 0.0)[:1], ReconConfig(**FAST))
+        assess_stacks(_stacks(small_subject, 0.0)[:1], ReconConfig.from_dict(FAST))
     import nibabel as nib
 
     s = _stacks(small_subject, 0.0)[0]

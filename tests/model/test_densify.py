@@ -6,7 +6,6 @@ import torch
 
 from gsvr.model.densify import densify_and_prune
 from gsvr.model.field import GaussianField
-from gsvr.recon import checkpoint as ckmod
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import reconstruct
 
@@ -56,25 +55,15 @@ def test_density_control_keeps_the_rendered_volume():
     assert float(total_after) == pytest.approx(float(total_before), rel=0.03)
 
 
-def test_the_engine_densifies_and_resumes_after_a_density_control(tiny_stacks, tmp_path, monkeypatch):
+def test_the_engine_densifies_and_resumes_after_a_density_control(tiny_stacks, interrupt_and_resume):
     stacks = tiny_stacks
-    cfg = ReconConfig(n_gaussians=2000, k_neighbors=12, output_resolution_mm=1.6, seed=0, svr_spacings_mm=(3.2, 2.4),
-                      svr_stack_spacings_mm=(), registration="none", init_fit_steps=5, iterations=7, densify_every=3,
-                      densify_fraction=0.1, checkpoint_every=2, knn_every=2, batch_fraction=0.5)
+    cfg = ReconConfig.from_dict({
+        "init": {"n_gaussians": 2000}, "model": {"k_neighbors": 12, "knn_every": 2}, "output": {"resolution_mm": 1.6},
+        "svr": {"spacings_mm": [3.2, 2.4], "stack_spacings_mm": []}, "align": None, "fit": {"steps": 5},
+        "joint": {"steps": 7, "batch_fraction": 0.5, "densify": {"every": 3, "fraction": 0.1}}, "run": {"checkpoint_every": 2}})
     res = reconstruct(stacks, cfg, progress=False)
     assert res.model["field"]["means"].shape[0] > 2000 * 1.15  # two controls, each growing by up to 10 %
     assert np.isfinite(res.volume.data).all()
-    original = ckmod.Checkpointer.save
-
-    def save(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if args[:2] == ("joint", 4):  # after the first density control (step 3), with statistics accumulated since
-            raise KeyboardInterrupt
-
-    path = tmp_path / "run.ckpt"
-    with monkeypatch.context() as m:
-        m.setattr(ckmod.Checkpointer, "save", save)
-        with pytest.raises(KeyboardInterrupt):
-            reconstruct(stacks, cfg, progress=False, checkpoint=str(path))
-    resumed = reconstruct(stacks, cfg, progress=False, checkpoint=str(path), resume=True)
+    # Interrupted after the first density control (step 3), with statistics accumulated since: the same volume.
+    resumed = interrupt_and_resume(stacks, cfg, ("joint", 4)).result
     assert np.array_equal(resumed.volume.data, res.volume.data)

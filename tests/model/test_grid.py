@@ -5,7 +5,6 @@ import torch
 
 from gsvr.model.grid import GaussianGrid
 from gsvr.ops.voxel import VoxelGrid
-from gsvr.recon import checkpoint as ckmod
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import reconstruct
 
@@ -37,31 +36,17 @@ def test_refining_the_grid_keeps_the_rendered_volume_at_the_switch():
     assert err.mean() < 0.05 and err.quantile(0.99) < 0.15, (float(err.mean()), float(err.quantile(0.99)))
 
 
-def test_the_engine_refines_the_grid_at_its_milestones_and_resumes_after_a_refinement(tiny_stacks, tmp_path, monkeypatch):
+def test_the_engine_refines_the_grid_at_its_milestones_and_resumes_after_a_refinement(tiny_stacks, interrupt_and_resume):
     stacks = tiny_stacks
-    cfg = ReconConfig(k_neighbors=12, output_resolution_mm=1.6, seed=0, svr_spacings_mm=(3.2, 2.4), svr_stack_spacings_mm=(),
-                      registration="none", init_fit_steps=5, iterations=6, progressive_spacings_mm=(6.4, 3.2),
-                      progressive_milestones=(3,), checkpoint_every=2, knn_every=2)
+    cfg = ReconConfig.from_dict({
+        "model": {"k_neighbors": 12, "knn_every": 2}, "output": {"resolution_mm": 1.6},
+        "svr": {"spacings_mm": [3.2, 2.4], "stack_spacings_mm": []}, "align": None, "fit": {"steps": 5},
+        "joint": {"steps": 6, "progressive": {"spacings_mm": [6.4, 3.2], "milestones": [3]}}, "run": {"checkpoint_every": 2}})
     res = reconstruct(stacks, cfg, progress=False)
     n_coarse = res.model["field"]["means"].shape[0]
     assert np.isfinite(res.volume.data).all() and res.volume.data.max() > 0
-    single = reconstruct(stacks, cfg.replace(progressive_spacings_mm=(6.4,), progressive_milestones=()), progress=False)
+    single = reconstruct(stacks, cfg.updated({"joint.progressive": {"spacings_mm": [6.4], "milestones": []}}), progress=False)
     assert 6 < n_coarse / single.model["field"]["means"].shape[0] < 10  # 3.2 mm grid vs 6.4 mm grid
     # Interrupted after the refinement (joint step 4 checkpoint), resumed: the same volume.
-    original, count = ckmod.Checkpointer.save, [0]
-
-    def save(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        count[0] += 1
-        if args and args[0] == "joint" and args[1] == 4:
-            raise KeyboardInterrupt
-
-    path = tmp_path / "run.ckpt"
-    with monkeypatch.context() as m:
-        m.setattr(ckmod.Checkpointer, "save", save)
-        try:
-            reconstruct(stacks, cfg, progress=False, checkpoint=str(path))
-        except KeyboardInterrupt:
-            pass
-    resumed = reconstruct(stacks, cfg, progress=False, checkpoint=str(path), resume=True)
+    resumed = interrupt_and_resume(stacks, cfg, ("joint", 4)).result
     assert np.array_equal(resumed.volume.data, res.volume.data)

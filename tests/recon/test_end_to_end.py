@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from helpers import stacks_from_simulation as _stacks
 
 from gsvr.evaluate import evaluate_volume
-from gsvr.io.nifti import Stack
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import reconstruct
 from gsvr.recon.files import METHODS
@@ -12,17 +12,13 @@ from gsvr.recon.volume import sample_volume
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 
 SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
-FAST = dict(n_gaussians=6000, k_neighbors=16, output_resolution_mm=1.6, seed=0,
-            svr_spacings_mm=(3.2, 3.2, 2.4, 2.4, 2.4))
-
-
-def _stacks(sim):
-    return [Stack(data=s.data, mask=s.mask > 0, affine=s.affine, thickness_mm=s.thickness_mm, name=f"s{k}") for k, s in enumerate(sim.stacks)]
+FAST = ReconConfig.from_dict({"init": {"n_gaussians": 6000}, "model": {"k_neighbors": 16}, "output": {"resolution_mm": 1.6},
+                              "svr": {"spacings_mm": [3.2, 3.2, 2.4, 2.4, 2.4]}})
 
 
 def _stack_average_psnr(sim, vol, mask, affine):
     """Floor: the stack_average method (stacks resampled in header geometry), scored without registration."""
-    floor = METHODS["stack_average"](_stacks(sim), ReconConfig(**FAST), progress=False).volume
+    floor = METHODS["stack_average"](_stacks(sim), FAST, progress=False).volume
     return evaluate_volume(floor.data, floor.affine, vol, affine, mask, register=False).psnr
 
 
@@ -30,7 +26,7 @@ def _stack_average_psnr(sim, vol, mask, affine):
 def test_oblique_stacks_without_motion_put_the_anatomy_where_the_ground_truth_has_it(small_subject):
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=15.0, motion_rotation_deg=0.0, motion_translation_mm=0.0, seed=3, **SIM))
-    result = reconstruct(_stacks(sim), ReconConfig(motion=False, iterations=120, **FAST), progress=False)
+    result = reconstruct(_stacks(sim), FAST.updated({"motion": False, "joint.steps": 120}), progress=False)
     ev = evaluate_volume(result.volume.data, result.volume.affine, vol, affine, mask)
     assert ev.registration_rotation_deg < 1.0
     assert ev.registration_translation_mm < 1.0
@@ -42,7 +38,7 @@ def test_oblique_stacks_without_motion_put_the_anatomy_where_the_ground_truth_ha
 def test_simulate_reconstruct_evaluate_beats_the_stack_average(small_subject, method):
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, motion_rotation_deg=4.0, motion_translation_mm=3.0, seed=4, **SIM))
-    result = METHODS[method](_stacks(sim), ReconConfig(**FAST), progress=False)
+    result = METHODS[method](_stacks(sim), FAST, progress=False)
     ev = evaluate_volume(result.volume.data, result.volume.affine, vol, affine, mask)
     floor = _stack_average_psnr(sim, vol, mask, affine)
     assert np.isfinite([ev.psnr, ev.ssim, ev.ncc, ev.nrmse]).all()
@@ -54,8 +50,9 @@ def test_simulate_reconstruct_evaluate_beats_the_stack_average(small_subject, me
 def test_reconstruction_is_deterministic_on_cpu(small_subject):
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(n_stacks=2, seed=5, **SIM))
-    cfg = ReconConfig(n_gaussians=1500, k_neighbors=8, iterations=6, knn_every=3, output_resolution_mm=3.2,
-                      svr_spacings_mm=(3.2, 3.2, 2.4), init_fit_steps=20)
+    cfg = ReconConfig.from_dict({"init": {"n_gaussians": 1500}, "model": {"k_neighbors": 8, "knn_every": 3},
+                                 "joint": {"steps": 6}, "output": {"resolution_mm": 3.2}, "svr": {"spacings_mm": [3.2, 3.2, 2.4]},
+                                 "fit": {"steps": 20}})
     a = reconstruct(_stacks(sim), cfg, progress=False)
     b = reconstruct(_stacks(sim), cfg, progress=False)
     assert np.array_equal(a.volume.data, b.volume.data)
@@ -67,8 +64,9 @@ def test_sample_volume_renders_a_saved_model_at_another_resolution(small_subject
 
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(n_stacks=2, seed=6, **SIM))
-    res = reconstruct(_stacks(sim), ReconConfig(n_gaussians=1500, k_neighbors=8, iterations=4, output_resolution_mm=3.2,
-                                                         svr_spacings_mm=(3.2, 3.2, 2.4), init_fit_steps=20, registration="none"),
+    res = reconstruct(_stacks(sim), ReconConfig.from_dict({
+        "init": {"n_gaussians": 1500}, "model": {"k_neighbors": 8}, "joint": {"steps": 4}, "output": {"resolution_mm": 3.2},
+        "svr": {"spacings_mm": [3.2, 3.2, 2.4]}, "fit": {"steps": 20}, "align": None}),
                       progress=False)
     save_model(tmp_path / "m.pt", res.model)
     model = load_model(tmp_path / "m.pt")
@@ -85,13 +83,13 @@ def test_sample_volume_renders_a_saved_model_at_another_resolution(small_subject
 def test_corrupted_slices_get_the_lowest_weights_and_cost_little(small_subject, method, robust):
     """Issue 5: 10 % corrupted slices (signal void or x0.3) cost <= 1 dB against the clean case, and
     the lowest-weight 10 % of slices hold >= 80 % of the corrupted ones, with GSVR's slice weights
-    (the default). The EM robust statistics (``svr_robust: em``) catch 3 of these 5 only: not listed."""
+    (the default). The EM robust statistics (``svr: {robust: em}``) catch 3 of these 5 only: not listed."""
     vol, mask, affine = small_subject
     results = {}
     for frac in (0.0, 0.1):
         sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, motion_rotation_deg=3.0, motion_translation_mm=2.0,
                                                                   corrupted_fraction=frac, seed=8, **SIM))
-        res = METHODS[method](_stacks(sim), ReconConfig(svr_robust=robust, **FAST), progress=False)
+        res = METHODS[method](_stacks(sim), FAST.updated({"svr.robust": robust}), progress=False)
         results[frac] = (sim, res, evaluate_volume(res.volume.data, res.volume.affine, vol, affine, mask).psnr)
     sim, res, psnr = results[0.1]
     truth = sim.motions.set_index(["stack", "slice"])["corrupted"]
@@ -108,14 +106,14 @@ def test_a_single_stack_gives_a_volume_with_a_warning(small_subject, method):
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(motion_rotation_deg=2.0, motion_translation_mm=1.0, seed=5, **SIM))
     with pytest.warns(UserWarning, match="single stack"):
-        result = METHODS[method](_stacks(sim)[:1], ReconConfig(**FAST), progress=False)
+        result = METHODS[method](_stacks(sim)[:1], FAST, progress=False)
     assert np.isfinite(result.volume.data).all() and result.volume.data.max() > 0
 
 
 def test_the_stack_average_floor_keeps_the_anatomy_in_place_and_a_row_per_slice(small_subject):
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=10.0, motion_rotation_deg=0.0, motion_translation_mm=0.0, seed=6, **SIM))
-    result = METHODS["stack_average"](_stacks(sim), ReconConfig(**FAST), progress=False)
+    result = METHODS["stack_average"](_stacks(sim), FAST, progress=False)
     ev = evaluate_volume(result.volume.data, result.volume.affine, vol, affine, mask)
     assert ev.registration_rotation_deg < 1.0 and ev.registration_translation_mm < 1.0, ev
     assert ev.ncc > 0.7, ev  # the right anatomy, blurred by three 4 mm slice profiles (measured: NCC 0.78, 21.8 dB)

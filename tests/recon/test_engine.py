@@ -1,11 +1,12 @@
-"""Engine pieces: the fit of the initial Gaussians to the SVR volume."""
+"""The stages' pieces: initial Gaussians from the SVR volume and their fit to it; the stage order."""
 
 import torch
-from tqdm.auto import tqdm
 
 from gsvr.ops.voxel import VoxelGrid
-from gsvr.recon.config import ReconConfig
-from gsvr.recon.engine import _fit_to_volume, _init_field_from_volume
+from gsvr.recon.config import FitConfig, InitConfig, ModelConfig
+from gsvr.recon.stages import PIPELINE
+from gsvr.recon.stages.fit import fit_to_volume
+from gsvr.recon.stages.init import field_from_volume
 from gsvr.recon.svr import SvrState
 
 
@@ -24,17 +25,26 @@ def _rendered_error(field_, state, covered):
 def test_fit_to_the_svr_volume_reproduces_it_better_than_the_sampled_init(small_subject):
     state, covered = _blob_volume(small_subject)
     n = int(covered.sum()) // 2
-    cfg = ReconConfig(k_neighbors=16, init_fit_steps=60, knn_every=20)
-    gen = torch.Generator().manual_seed(0)
-    field_ = _init_field_from_volume(state, covered, cfg, gen, n=n, k=16)
+    model = ModelConfig(k_neighbors=16, knn_every=20)
+    field_ = field_from_volume(state, covered, InitConfig(), model, torch.Generator().manual_seed(0), n=n, k=16)
     before = _rendered_error(field_, state, covered)
-    with tqdm(disable=True) as bar:
-        _fit_to_volume(field_, state, covered, cfg, bar, k=16)
+    steps = []
+    fit_to_volume(field_, state, covered, FitConfig(steps=60), model, k=16,
+                  on_step=lambda step, loss, opt: steps.append((step, loss)))
     after = _rendered_error(field_, state, covered)
     assert after < 0.5 * before, (before, after)
-    # A zero-step fit leaves the field untouched.
-    field2 = _init_field_from_volume(state, covered, cfg, torch.Generator().manual_seed(0), n=n, k=16)
-    means = field2.means.detach().clone()
-    with tqdm(disable=True) as bar:
-        _fit_to_volume(field2, state, covered, ReconConfig(init_fit_steps=0), bar, k=16)
-    assert torch.equal(field2.means, means)
+    assert [s for s, _ in steps] == list(range(1, 61)) and steps[-1][1] < steps[0][1]
+    # Resuming at the last step does nothing more.
+    means = field_.means.detach().clone()
+    fit_to_volume(field_, state, covered, FitConfig(steps=60), model, k=16, start=60)
+    assert torch.equal(field_.means, means)
+
+
+def test_the_pipeline_runs_every_stage_once_in_order_on_its_own_config_section():
+    from gsvr.recon.config import ReconConfig
+
+    names = [stage.NAME for stage, _ in PIPELINE]
+    assert names == ["prepare", "align", "slices", "svr", "init", "fit", "joint", "sample"]
+    sections = {f for f in ReconConfig.__dataclass_fields__}
+    assert all(section in sections for _, section in PIPELINE)
+    assert all(callable(stage.run) for stage, _ in PIPELINE)

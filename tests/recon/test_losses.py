@@ -10,7 +10,7 @@ from gsvr.errors import GsvrError
 from gsvr.io.nifti import Stack
 from gsvr.model.residual import ResidualField
 from gsvr.recon.config import ReconConfig
-from gsvr.recon.engine import anisotropy_penalty
+from gsvr.recon.losses import anisotropy_penalty
 from gsvr.recon.losses import SliceImages, pixel_loss, slice_image_terms
 from gsvr.recon.slices import build_slice_data
 
@@ -95,7 +95,7 @@ def test_smooth_l1_is_quadratic_near_zero_and_linear_beyond_beta():
     torch.testing.assert_close(got, torch.tensor([0.5 * 0.01**2 / 0.05, 0.5 * 0.02**2 / 0.05, 0.5 - 0.025, 1.0 - 0.025]))
     torch.testing.assert_close(pixel_loss(r, torch.zeros(4), "l1", beta=0.05), r.abs())
     with pytest.raises(GsvrError, match="loss"):
-        ReconConfig(loss="l2")
+        ReconConfig.from_dict({"joint": {"loss": {"pixel": "l2"}}})
 
 
 def test_the_anisotropy_penalty_only_bites_above_the_ratio_and_pulls_the_scales_together():
@@ -131,9 +131,12 @@ def test_a_reconstruction_with_every_loss_switch_on_samples_at_any_resolution(sm
 
     vol, mask, affine = small_subject
     stacks = tiny_stacks
-    cfg = ReconConfig(n_gaussians=3000, k_neighbors=12, output_resolution_mm=1.6, seed=0, svr_spacings_mm=(3.2, 2.4),
-                      init_fit_steps=10, iterations=6, batch_fraction=0.5, loss="smooth_l1", ssim_weight=0.2, tv_weight=0.01,
-                      aniso_weight=0.01, nrf=True, nrf_start=3, lr_nrf=1e-3, multires_steps=3, neighbour_query="block")
+    cfg = ReconConfig.from_dict({
+        "init": {"n_gaussians": 3000}, "model": {"k_neighbors": 12}, "output": {"resolution_mm": 1.6},
+        "svr": {"spacings_mm": [3.2, 2.4]}, "fit": {"steps": 10},
+        "joint": {"steps": 6, "batch_fraction": 0.5, "multires": {"steps": 3}, "block_query": {},
+                  "loss": {"pixel": "smooth_l1", "ssim_weight": 0.2, "tv_weight": 0.01, "anisotropy": {"weight": 0.01}},
+                  "residual_field": {"start": 3, "lr": 1e-3}}})
     res = reconstruct(stacks, cfg, progress=False)
     ev = evaluate_volume(res.volume.data, res.volume.affine, vol, affine, mask)
     assert np.isfinite(res.history["value"]).all() and ev.psnr > 18, ev
@@ -177,7 +180,8 @@ def test_the_block_query_renders_like_top_k_when_both_see_every_gaussian(slices)
     """The padding of the block query (a far, zero-weight pair row) adds nothing."""
     from gsvr.model.field import GaussianField
     from gsvr.ops.gaussians import gaussian_sum_packed, pair_tables
-    from gsvr.recon.engine import _Neighbours
+    from gsvr.recon.config import BlockQueryConfig
+    from gsvr.recon.forward import Neighbours
 
     g = torch.Generator().manual_seed(0)
     n = 60
@@ -186,8 +190,7 @@ def test_the_block_query_renders_like_top_k_when_both_see_every_gaussian(slices)
     out = {}
     for mode in ("exact", "normalized"):
         for query in ("topk", "block"):
-            cfg = ReconConfig(neighbour_query=query, block_mm=10.0, block_radius=8, render_mode=mode)
-            nbrs = _Neighbours(cfg)
+            nbrs = Neighbours(BlockQueryConfig(size_mm=10.0, radius=8) if query == "block" else None)
             nbrs.refresh(slices.x0, slices.slice_idx, field.means, n, "torch")
             tables = pair_tables(field.means, field.log_scales, field.quats, field.values, None, nbrs.pair_slice,
                                  nbrs.pair_gauss, mode=mode)

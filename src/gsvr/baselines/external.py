@@ -35,24 +35,33 @@ class ExternalSettings:
 
     tool: str
     output_resolution_mm: float = 0.8
-    registration: str = "stack"  #: NeSVoR's --registration (svort needs downloaded weights: not offered)
+    registration: str = "stack"  #: NeSVoR's --registration: stack or none (svort needs downloaded weights: not offered)
     command: tuple[str, ...] = ()  #: program (and container) replacing PROGRAMS[tool]
     options: tuple[str, ...] = ()  #: extra arguments appended to the tool's own
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "config") -> "ExternalSettings":
-        known = {"engine", "output_resolution_mm", "registration", "command", "options"}
+        """From a workflow method: ``engine``, ``output: {resolution_mm}``, ``align`` (null: the tool's
+        ``--registration none``), ``command``, ``options`` (the same names as gsvr's own settings)."""
+        known = {"engine", "output", "align", "command", "options"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise GsvrError(f"{source}: unknown keys for an external tool: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         tool = d.get("engine")
         if tool not in PROGRAMS:
             raise GsvrError(f"{source}: engine must be one of {sorted(PROGRAMS)}, got {tool!r}")
-        if d.get("registration", "stack") not in ("stack", "none"):
-            raise GsvrError(f"{source}: registration must be stack or none (svort needs weights downloaded at run time)")
-        return cls(tool=tool, output_resolution_mm=float(d.get("output_resolution_mm", 0.8)),
-                   registration=d.get("registration", "stack"), command=tuple(d.get("command", ())),
-                   options=tuple(str(o) for o in d.get("options", ())))
+        output = d.get("output") or {}
+        if not isinstance(output, dict) or set(output) - {"resolution_mm"}:
+            raise GsvrError(f"{source}: output of an external tool takes resolution_mm only, got {output!r}")
+        resolution = output.get("resolution_mm", 0.8)
+        if isinstance(resolution, bool) or not isinstance(resolution, (int, float)) or not 0 < resolution < float("inf"):
+            raise GsvrError(f"{source}: output.resolution_mm must be a positive number, got {resolution!r}")
+        align = d.get("align", {})
+        if align is not None and align != {}:
+            raise GsvrError(f"{source}: align of an external tool is null (no stack registration) or {{}} (the tool's own "
+                            f"stack registration; NeSVoR's svort needs weights downloaded at run time: not offered), got {align!r}")
+        return cls(tool=tool, output_resolution_mm=float(resolution), registration="none" if align is None else "stack",
+                   command=tuple(d.get("command", ())), options=tuple(str(o) for o in d.get("options", ())))
 
     @property
     def program(self) -> tuple[str, ...]:

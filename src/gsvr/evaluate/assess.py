@@ -34,7 +34,7 @@ from gsvr.ops.psf import psf_sigmas_mm
 from gsvr.ops.voxel import VoxelGrid, psf_nodes
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.slices import SliceMotion, build_slice_data, slice_axes
-from gsvr.recon.svr import SliceOperator, register
+from gsvr.recon.svr import SliceOperator, SvrSettings, register
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def assess_stacks(stacks: Sequence[Stack], config: ReconConfig | None = None, *,
         raise GsvrError(f"unknown method {method!r}; known: {sorted(METHODS)}")
     # With stack registration, the volume lives in the reference stack's frame: the left-out stack may
     # be turned as far as the registration allows; without it, frames agree up to residual motion.
-    max_angle = cfg.registration_max_angle_deg if cfg.registration == "stack" else 0.0
+    max_angle = cfg.align.max_angle_deg if cfg.align is not None else 0.0
     rows = []
     for i, left_out in enumerate(stacks):
         t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def assess_stacks(stacks: Sequence[Stack], config: ReconConfig | None = None, *,
         result = METHODS[method](others, cfg, progress=progress)
         elapsed = time.perf_counter() - t0
         vol = result.volume
-        tx = _register(vol.data, vol.affine, left_out, max_angle, cfg.seed)
+        tx = _register(vol.data, vol.affine, left_out, max_angle, cfg.run.seed)
         sim = simulate_stack(vol.data, vol.affine, left_out, tx)
         acquired = left_out.data[left_out.mask].astype(np.float64)
         ncc, psnr = compare_pixels(sim, acquired)
@@ -151,12 +151,12 @@ def slice_registered_fit(volume: np.ndarray, affine: np.ndarray, stack: Stack, t
     moved = Stack(data=stack.data, mask=stack.mask, affine=np.linalg.inv(transform) @ stack.affine,
                   thickness_mm=stack.thickness_mm, name=stack.name)
     dev = torch.device("cpu")
-    data = build_slice_data([moved], quantile=cfg.normalize_quantile, device=dev)
+    data = build_slice_data([moved], quantile=cfg.preprocess.normalize_quantile, device=dev)
     grid = VoxelGrid(tuple(float(v) for v in affine[:3, 3] - data.origin_mm), float(spacing[0]), tuple(volume.shape))
     vol = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)
     vol = vol / vol.abs().max().clamp_min(1e-12)
     motion = SliceMotion(data.n_slices, dev)
-    settings = cfg.svr_settings()
+    settings = cfg.svr or SvrSettings()
     register(vol, grid, data, motion, settings)
     pred = SliceOperator(data, motion, grid, settings, torch.arange(data.n_pixels)).forward(vol)
     return compare_pixels(pred.double().numpy(), data.y.double().numpy())

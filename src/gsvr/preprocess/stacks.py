@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PreprocessConfig:
+    """Preprocessing of the stacks: crop to the mask, optional N4 bias correction, intensity standardisation."""
+
     crop_margin_mm: float = 10.0  #: in-plane margin kept around the mask's bounding box
     n4: bool = False  #: N4 bias-field correction inside the mask
     n4_shrink: int = 2  #: in-plane shrink factor of the N4 fit (the field is smooth)
     n4_iterations: tuple[int, ...] = (50, 50, 30)  #: N4 iterations per fitting level
     standardise: bool = True  #: scale every stack to a common in-mask quantile
     quantile: float = 0.99  #: the quantile standardised
+    normalize_quantile: float = 0.99  #: reconstruct: slice intensities divided by this quantile of in-mask voxels
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.crop_margin_mm) and self.crop_margin_mm >= 0):
+            raise GsvrError(f"config: preprocess.crop_margin_mm must be >= 0, got {self.crop_margin_mm}")
+        for name in ("quantile", "normalize_quantile"):
+            if not 0 < getattr(self, name) <= 1:
+                raise GsvrError(f"config: preprocess.{name} must be in (0, 1], got {getattr(self, name)}")
+        if self.n4_shrink < 1 or not self.n4_iterations or any(i < 1 for i in self.n4_iterations):
+            raise GsvrError("config: preprocess.n4_shrink and every preprocess.n4_iterations must be >= 1")
 
 
 def crop_to_mask(stack: Stack, margin_mm: float, *, drop_empty_slices: bool = True) -> Stack:

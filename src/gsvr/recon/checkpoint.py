@@ -25,9 +25,7 @@ from gsvr.io.nifti import Stack, atomic_output
 
 log = logging.getLogger(__name__)
 
-#: Stages in the order they run; a checkpoint of a later stage skips the earlier ones.
-STAGES = ("svr", "fit", "joint")
-#: Settings that may differ between the interrupted and the resumed run.
+#: Settings of the ``run`` section that may differ between the interrupted and the resumed run.
 _FREE = {"device", "checkpoint_every"}
 
 
@@ -38,14 +36,19 @@ def fingerprint(stacks: Sequence[Stack], config: dict) -> str:
         for a in (s.data, s.mask, s.affine):
             h.update(np.ascontiguousarray(a).tobytes())
         h.update(repr(s.thickness_mm).encode())
-    h.update(repr(sorted((k, v) for k, v in config.items() if k not in _FREE)).encode())
+    shaping = {**config, "run": {k: v for k, v in config.get("run", {}).items() if k not in _FREE}}
+    h.update(repr(sorted(shaping.items())).encode())
     return h.hexdigest()
 
 
 class Checkpointer:
     """Writes checkpoints to ``path`` and hands a loaded one to the stage it belongs to."""
 
-    def __init__(self, path: str | os.PathLike | None, every: int, knn_every: int, *, resume: bool) -> None:
+    def __init__(self, path: str | os.PathLike | None, every: int, knn_every: int, *, resume: bool,
+                 stages: Sequence[str] = ()) -> None:
+        """``stages``: the names of the pipeline's stages in the order they run (a checkpoint of a later
+        stage skips the earlier ones)."""
+        self.stages = tuple(stages)
         self.path = Path(path) if path else None
         self.every = 0 if every <= 0 else knn_every * -(-every // knn_every)
         self.loaded: dict | None = None
@@ -77,7 +80,7 @@ class Checkpointer:
 
     def skips(self, stage: str) -> bool:
         """True when the loaded checkpoint is from a stage after ``stage``."""
-        return self.loaded is not None and STAGES.index(self.loaded["stage"]) > STAGES.index(stage)
+        return self.loaded is not None and self.stages.index(self.loaded["stage"]) > self.stages.index(stage)
 
     def due(self, step: int) -> bool:
         return self.active and self.every > 0 and step % self.every == 0

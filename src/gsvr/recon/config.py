@@ -1,223 +1,443 @@
-"""Reconstruction settings: one frozen dataclass; defaults live here, unknown keys are errors."""
+"""Reconstruction settings: one frozen dataclass per stage, nested in :class:`ReconConfig`.
+
+Defaults live in the dataclasses, once; each check sits in the ``__post_init__`` of the section
+that owns the field. An optional component is a section that is ``None`` (``null`` in YAML) when
+off. ``from_dict`` refuses unknown keys (naming their full path) and the flat layout of gsvr 0.1
+(naming the new key of each old one). ``config/recon_default.yaml`` and ``docs/configuration.md``
+are generated from these classes (:mod:`gsvr.recon.config_reference`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import yaml
 
 from gsvr.errors import GsvrError
+from gsvr.preprocess.stacks import PreprocessConfig
+from gsvr.recon.svr import SvrSettings
+
+
+def _check(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise GsvrError(f"config: {where} {message}")
+
+
+def _positive(obj: Any, section: str, *names: str, strict: bool = True) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(value > 0 if strict else value >= 0, f"{section}.{name}", f"must be {'>' if strict else '>='} 0, got {value}")
+
+
+def _one_of(obj: Any, section: str, name: str, allowed: tuple) -> None:
+    _check(getattr(obj, name) in allowed, f"{section}.{name}", f"must be one of {allowed}, got {getattr(obj, name)!r}")
 
 
 @dataclass(frozen=True)
-class ReconConfig:
-    """All knobs of ``gsvr reconstruct``. Units in the names; lr_* are AdamW learning rates."""
+class ModelConfig:
+    """The Gaussian forward model, shared by every stage that renders the field."""
 
-    # Representation and forward model.
-    n_gaussians: int = 50_000  #: number of Gaussian primitives
     k_neighbors: int = 32  #: Gaussians summed per pixel (top-K by distance to the mean)
     render_mode: str = "exact"  #: "exact" (true PSF convolution) or "normalized" (GSVR Eq. 5)
-    psf: bool = True  #: model the slice PSF (False: point sampling, the "no PSF" ablation)
+    psf: bool = True  #: model the slice PSF (false: point sampling, the "no PSF" ablation)
     delta: float = 1e-4  #: stabiliser of the normalized mode's denominator
-    # Optimisation.
-    iterations: int = 0  #: joint optimisation steps after the initialisation (one step = one pass over the pixels)
-    #: joint steps on the slices downsampled 2x in plane before the ``iterations`` full-resolution steps
-    #: (GaussianSVR's two-stage multi-resolution; motions carried over)
-    multires_steps: int = 0
-    batch_fraction: float = 1.0  #: fraction of in-mask pixels used per step (1 = full batch)
-    chunk_pixels: int = 8_192  #: pixels per forward/backward chunk (bounds memory)
-    knn_every: int = 50  #: steps between neighbour-index rebuilds
+    knn_every: int = 50  #: steps between neighbour-index rebuilds (fit and joint stages)
     knn_backend: str = "auto"  #: "auto", "kdtree", "faiss" or "torch"
-    #: pixels' Gaussians in the joint stage: "topk" (the K nearest) or "block" (M-Gaussian: every Gaussian in
-    #: the cubes of side ``block_mm`` within ``block_radius`` cubes of the pixel's; fit and sampling stay top-K)
-    neighbour_query: str = "topk"
-    block_mm: float = 0.0  #: cube side; 0: the Gaussians' mean spacing (follows a progressive grid)
-    block_radius: int = 1
-    #: steps between checkpoints of the fit and joint stages when checkpointing (rounded up to a multiple
-    #: of knn_every; SVR cycles are checkpointed after each cycle; 0: cycles only)
-    checkpoint_every: int = 50
-    lr_means: float = 2.5e-2
-    lr_scales: float = 2.5e-2
-    lr_quats: float = 1e-2
-    lr_values: float = 1e-2
-    lr_rotation: float = 2.5e-3  #: slice rotation (radians per step scale)
-    lr_translation: float = 1e-1  #: slice translation (mm per step scale)
-    lr_slice_scale: float = 1e-2  #: per-slice log intensity scale
+    chunk_pixels: int = 8_192  #: pixels per forward/backward chunk (bounds memory)
+
+    def __post_init__(self) -> None:
+        _one_of(self, "model", "render_mode", ("exact", "normalized"))
+        _one_of(self, "model", "knn_backend", ("auto", "kdtree", "faiss", "torch"))
+        _positive(self, "model", "k_neighbors", "knn_every", "chunk_pixels", "delta")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Rigid stack-to-stack alignment (multi-start over rotations) before the SVR cycles."""
+
+    max_angle_deg: float = 90.0  #: largest stack-to-stack rotation the multi-start covers
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.max_angle_deg <= 180, "align.max_angle_deg", f"must be in [0, 180], got {self.max_angle_deg}")
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Initial Gaussians: sampled from the SVR volume (or from the slice pixels), content-adaptive."""
+
+    n_gaussians: int = 50_000  #: number of Gaussian primitives
+    from_svr: bool = True  #: initialise from the SVR volume (false: from the slice pixels)
+    adaptive: bool = True  #: content-adaptive (gradient) sampling; false: uniform
+    lambda_init: float = 0.0  #: mixing of uniform sampling into the adaptive one
+    scale_min_mm: float = 0.4  #: smallest initial standard deviation
+    scale_max_mm: float = 3.0  #: largest initial standard deviation
+
+    def __post_init__(self) -> None:
+        _positive(self, "init", "n_gaussians", "scale_min_mm")
+        _check(0 <= self.lambda_init <= 1, "init.lambda_init", f"must be in [0, 1], got {self.lambda_init}")
+        _check(self.scale_max_mm >= self.scale_min_mm, "init.scale_max_mm", "must be >= init.scale_min_mm")
+
+
+@dataclass(frozen=True)
+class FieldRates:
+    """AdamW learning rates of the Gaussians' parameters."""
+
+    means: float = 2.5e-2
+    scales: float = 2.5e-2  #: of the log standard deviations
+    quats: float = 1e-2
+    values: float = 1e-2
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "means", "scales", "quats", "values", strict=False)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Fit of all Gaussian parameters to the SVR volume (L1, Adam, full batch)."""
+
+    steps: int = 100  #: Adam steps (the sampled initialisation alone reproduces the volume only roughly)
+    lr: FieldRates = field(default_factory=FieldRates)
+
+    def __post_init__(self) -> None:
+        _positive(self, "fit", "steps")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW on the field, slice motions and slice scales, with a learning-rate schedule."""
+
+    lr: FieldRates = field(default_factory=FieldRates)
+    rotation: float = 2.5e-3  #: learning rate of slice rotations (radians per step scale)
+    translation: float = 1e-1  #: learning rate of slice translations (mm per step scale)
+    slice_scale: float = 1e-2  #: learning rate of the per-slice log intensity scale
     weight_decay: float = 0.0
     schedule: str = "step"  #: "step" (x step_gamma every step_size steps) or "cosine" (to cosine_final)
     step_size: int = 200
     step_gamma: float = 0.5
     cosine_final: float = 0.1
-    motion: bool = True  #: optimise slice motion (False: header geometry, the no-motion baseline)
-    motion_warmup: int = 0  #: steps before slice motion is released
-    joint_motion: bool = True  #: optimise slice motion in the joint stage too (False: keep the SVR cycles' motion)
-    # Motion initialisation before the joint optimisation: classical SVR cycles on a voxel grid.
-    init_motion: str = "svr"  #: "svr" (super-resolution + slice-to-volume registration cycles) or "none"
-    svr_spacings_mm: tuple = (2.4, 2.4, 1.6, 1.6, 1.6, 1.2)  #: voxel spacing of each cycle, coarse to fine
-    svr_translation_only_cycles: int = 2  #: first cycles register translations only
-    #: cycles before those, registering each stack as one rigid body to the volume of the other stacks
-    svr_stack_spacings_mm: tuple = (3.2, 2.4)
-    svr_registration_steps: int = 10  #: Gauss-Newton iterations per registration
-    svr_cg_iterations: int = 12  #: conjugate-gradient iterations per super-resolution solve
-    svr_tikhonov: float = 0.05  #: gradient penalty of the super-resolution, relative to the data term
-    svr_leave_one_out: bool = True  #: register each stack's slices to the volume of the other stacks
-    svr_robust: str = "slice"  #: "slice" (GSVR's slice weights below) or "em" (pixel and slice EM, Kuklisova-Murgasova)
-    svr_prior: str = "tikhonov"  #: super-resolution prior: "tikhonov" or "edge" (edge-preserving, lagged diffusivity)
-    svr_edge_delta: float = 0.1  #: edge scale of the "edge" prior (normalised intensity per mm)
-    init_from_svr: bool = True  #: initialise the Gaussians from the SVR volume (else from the slice pixels)
-    init_fit_steps: int = 100  #: Adam steps fitting the initial Gaussians to the SVR volume (0 = sampled values only)
-    # Losses of the joint optimisation (gsvr.recon.losses).
-    loss: str = "l1"  #: pixel term: "l1" (GSVR) or "smooth_l1" (M-Gaussian's Huber loss)
+
+    def __post_init__(self) -> None:
+        _one_of(self, "joint.optim", "schedule", ("step", "cosine"))
+        _positive(self, "joint.optim", "rotation", "translation", "slice_scale", "weight_decay", "step_gamma",
+                  "cosine_final", strict=False)
+        _positive(self, "joint.optim", "step_size")
+
+
+@dataclass(frozen=True)
+class AnisotropyConfig:
+    """M-Gaussian's anisotropy penalty: weight x mean over Gaussians of max(s_max / s_min - max_ratio, 0)."""
+
+    weight: float = 0.01
+    max_ratio: float = 3.0  #: largest scale ratio of a Gaussian before the penalty applies
+
+    def __post_init__(self) -> None:
+        _positive(self, "joint.loss.anisotropy", "weight", strict=False)
+        _check(self.max_ratio >= 1, "joint.loss.anisotropy.max_ratio", f"must be >= 1, got {self.max_ratio}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The joint stage's loss: a pixel term, whole-slice terms and regularisers."""
+
+    pixel: str = "l1"  #: "l1" (GSVR) or "smooth_l1" (M-Gaussian's Huber loss)
     smooth_l1_beta: float = 0.05  #: transition of smooth_l1 from quadratic to linear (normalised intensity)
     ssim_weight: float = 0.0  #: weight of D-SSIM = 1 - SSIM on whole slices (M-Gaussian, GaussianSVR)
     ssim_window: int = 11  #: Gaussian window (pixels, sigma 1.5) of the SSIM
     tv_weight: float = 0.0  #: weight of the total variation of the predicted slices (GaussianSVR)
-    # Neural residual field (gsvr.model.residual, M-Gaussian): a bounded MLP residual on the intensities.
-    nrf: bool = False
-    nrf_start: int = 0  #: joint steps before the residual field is switched on
-    nrf_bound: float = 0.1  #: the residual lies in (-bound, bound) (normalised intensity)
-    nrf_bands: int = 6  #: Fourier octaves of the positional encoding
-    nrf_hidden: int = 64
-    nrf_layers: int = 4
-    lr_nrf: float = 1e-4
-    # Regularisation.
     scale_reg_weight: float = 2.5e-3  #: lambda_reg of GSVR Eq. 7
     scale_target_mm: float = 1.6  #: s_target of GSVR Eq. 7
-    aniso_weight: float = 0.0  #: M-Gaussian's anisotropy penalty: mean of max(s_max / s_min - ratio, 0)
-    aniso_max_ratio: float = 3.0  #: largest scale ratio of a Gaussian before the penalty applies
     gauge_weight: float = 1.0  #: keeps the mean slice motion and mean slice scale at zero
-    # Initialisation.
-    init_adaptive: bool = True  #: content-adaptive (gradient) initialisation; False = uniform
-    lambda_init: float = 0.0  #: mixing of uniform sampling into the adaptive one
-    #: M-Gaussian's progressive grid: the Gaussians start on a uniform grid of the first spacing (from
-    #: the SVR volume) and move to the next at each of ``progressive_milestones`` (joint steps); () keeps
-    #: GSVR's content-adaptive sampling of ``n_gaussians``; one spacing: a fixed uniform grid
-    progressive_spacings_mm: tuple = ()
-    progressive_milestones: tuple = ()
-    grid_scale: float = 1.0  #: initial standard deviation of the grid's Gaussians, in grid spacings
-    #: 3DGS density control in the joint stage (gsvr.model.densify): every ``densify_every`` steps (0: off)
-    #: up to ``densify_until`` (0: all), the top ``densify_fraction`` of Gaussians by mean position
-    #: gradient are cloned (largest scale <= ``split_scale_mm``) or split; |value| below
-    #: ``prune_fraction`` x the median |value| are pruned; never more than ``max_gaussians``
-    densify_every: int = 0
-    densify_until: int = 0
-    densify_fraction: float = 0.05
-    split_scale_mm: float = 1.0
-    prune_fraction: float = 0.02
-    max_gaussians: int = 200_000
-    init_scale_min_mm: float = 0.4
-    init_scale_max_mm: float = 3.0
-    # Robust slice weights (GSVR public code).
-    slice_weights: bool = True
-    weight_every: int = 50
-    weight_z_scale: float = 4.0
-    weight_mad_floor: float = 0.02
-    # Data and preprocessing (gsvr.preprocess).
-    crop_margin_mm: float = 10.0  #: stacks cropped in plane to their mask's bounding box plus this margin
-    standardise_stacks: bool = True  #: scale stacks to a common in-mask 99th percentile
-    n4_bias_correction: bool = False  #: N4 bias-field correction inside each mask (SimpleITK)
-    registration: str = "stack"  #: "stack": rigid stack-to-stack alignment (multi-start) before SVR; "none" keeps the headers
-    registration_max_angle_deg: float = 90.0  #: largest stack-to-stack rotation the multi-start covers
-    normalize_quantile: float = 0.99  #: intensities divided by this quantile of in-mask voxels
-    output_resolution_mm: float = 0.8
-    output_k_neighbors: int = 32  #: Gaussians summed per voxel when sampling the volume
-    # Run.
-    seed: int = 0
-    device: str = "auto"  #: "auto", "cpu" or "cuda"
+    anisotropy: Optional[AnisotropyConfig] = None  #: M-Gaussian's anisotropy penalty (null: off)
 
     def __post_init__(self) -> None:
-        choices = {"render_mode": ("exact", "normalized"), "schedule": ("step", "cosine"),
-                   "knn_backend": ("auto", "kdtree", "faiss", "torch"), "device": ("auto", "cpu", "cuda"),
-                   "init_motion": ("svr", "none"), "registration": ("stack", "none"), "svr_robust": ("slice", "em"),
-                   "svr_prior": ("tikhonov", "edge"), "loss": ("l1", "smooth_l1"),
-                   "neighbour_query": ("topk", "block")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise GsvrError(f"config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name, may_be_empty in (("svr_spacings_mm", False), ("svr_stack_spacings_mm", True), ("progressive_spacings_mm", True)):
-            spacings = getattr(self, name)
-            if (not spacings and not may_be_empty) or any(not isinstance(v, (int, float)) or v <= 0 for v in spacings):
-                raise GsvrError(f"config: {name} must be a {'' if may_be_empty else 'non-empty '}list of positive spacings, "
-                                f"got {spacings!r}")
-        for name in ("iterations", "multires_steps", "init_fit_steps", "svr_translation_only_cycles", "svr_registration_steps",
-                     "svr_cg_iterations", "checkpoint_every", "ssim_weight", "tv_weight", "aniso_weight", "nrf_start", "nrf_bands",
-                     "block_mm", "block_radius", "densify_every", "densify_until", "prune_fraction"):
-            if getattr(self, name) < 0:
-                raise GsvrError(f"config: {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("smooth_l1_beta", "nrf_bound", "aniso_max_ratio", "grid_scale", "split_scale_mm", "output_resolution_mm"):
-            if getattr(self, name) <= 0:
-                raise GsvrError(f"config: {name} must be > 0, got {getattr(self, name)}")
-        for name in ("n_gaussians", "k_neighbors", "chunk_pixels", "knn_every", "weight_every", "step_size", "nrf_hidden",
-                     "nrf_layers", "max_gaussians"):
-            if getattr(self, name) < 1:
-                raise GsvrError(f"config: {name} must be >= 1, got {getattr(self, name)}")
-        if self.aniso_max_ratio < 1:
-            raise GsvrError(f"config: aniso_max_ratio must be >= 1, got {self.aniso_max_ratio}")
-        if self.ssim_window < 3 or self.ssim_window % 2 == 0:
-            raise GsvrError(f"config: ssim_window must be an odd number >= 3, got {self.ssim_window}")
-        if not 0 < self.densify_fraction <= 1:
-            raise GsvrError(f"config: densify_fraction must be in (0, 1], got {self.densify_fraction}")
-        miles = self.progressive_milestones
-        if len(miles) != max(len(self.progressive_spacings_mm) - 1, 0) or any(
-                not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in miles) or list(miles) != sorted(set(miles)):
-            raise GsvrError("config: progressive_milestones must be increasing joint steps >= 1, one per refinement "
-                            f"(len(progressive_spacings_mm) - 1), got {miles!r}")
-        if self.progressive_spacings_mm and not (self.motion and self.init_motion == "svr" and self.init_from_svr):
-            raise GsvrError("config: progressive_spacings_mm starts the grid from the SVR volume: it needs motion, "
-                            "init_motion: svr and init_from_svr")
-        if self.densify_every and len(self.progressive_spacings_mm) > 1:
-            raise GsvrError("config: densify_every and a progressive grid (refinements interpolate on the grid's nodes) "
-                            "cannot be combined")
-        if not 0 < self.batch_fraction <= 1:
-            raise GsvrError(f"config: batch_fraction must be in (0, 1], got {self.batch_fraction}")
+        _one_of(self, "joint.loss", "pixel", ("l1", "smooth_l1"))
+        _positive(self, "joint.loss", "smooth_l1_beta", "scale_target_mm")
+        _positive(self, "joint.loss", "ssim_weight", "tv_weight", "scale_reg_weight", "gauge_weight", strict=False)
+        _check(self.ssim_window >= 3 and self.ssim_window % 2 == 1, "joint.loss.ssim_window",
+               f"must be an odd number >= 3, got {self.ssim_window}")
+
+
+@dataclass(frozen=True)
+class ResidualFieldConfig:
+    """M-Gaussian's neural residual field: a bounded MLP residual on the Gaussians' intensities."""
+
+    start: int = 0  #: joint steps before the residual field is switched on
+    bound: float = 0.1  #: the residual lies in (-bound, bound) (normalised intensity)
+    bands: int = 6  #: Fourier octaves of the positional encoding
+    hidden: int = 64
+    layers: int = 4
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _positive(self, "joint.residual_field", "start", "bands", "lr", strict=False)
+        _positive(self, "joint.residual_field", "bound", "hidden", "layers")
+
+
+@dataclass(frozen=True)
+class DensifyConfig:
+    """3DGS density control (gsvr.model.densify): clone, split and prune every ``every`` steps."""
+
+    every: int = 100  #: steps between density controls
+    until: Optional[int] = None  #: last step with density control (null: all)
+    fraction: float = 0.05  #: top fraction of Gaussians by mean position gradient cloned or split
+    split_scale_mm: float = 1.0  #: Gaussians whose largest scale is above this are split, the others cloned
+    prune_fraction: float = 0.02  #: |value| below this x the median |value| are pruned
+    max_gaussians: int = 200_000
+
+    def __post_init__(self) -> None:
+        _positive(self, "joint.densify", "every", "split_scale_mm", "max_gaussians")
+        _positive(self, "joint.densify", "prune_fraction", strict=False)
+        _check(self.until is None or self.until >= 1, "joint.densify.until", f"must be >= 1 or null, got {self.until}")
+        _check(0 < self.fraction <= 1, "joint.densify.fraction", f"must be in (0, 1], got {self.fraction}")
+
+
+@dataclass(frozen=True)
+class ProgressiveConfig:
+    """M-Gaussian's progressive grid: Gaussians on a uniform grid of the first spacing (from the SVR
+    volume), moved to the next spacing at each milestone (joint steps); one spacing: a fixed grid."""
+
+    spacings_mm: tuple = (3.2, 2.4, 1.6, 1.2)
+    milestones: tuple = (50, 100, 150)  #: one per refinement (len(spacings_mm) - 1), increasing
+    grid_scale: float = 1.0  #: initial standard deviation of the grid's Gaussians, in grid spacings
+
+    def __post_init__(self) -> None:
+        _check(bool(self.spacings_mm) and all(_number(v) and v > 0 for v in self.spacings_mm),
+               "joint.progressive.spacings_mm", f"must be a non-empty list of positive spacings, got {self.spacings_mm!r}")
+        miles = self.milestones
+        _check(len(miles) == len(self.spacings_mm) - 1 and all(_integer(m) and m >= 1 for m in miles)
+               and list(miles) == sorted(set(miles)), "joint.progressive.milestones",
+               f"must be increasing joint steps >= 1, one per refinement (len(spacings_mm) - 1), got {miles!r}")
+        _positive(self, "joint.progressive", "grid_scale")
+
+
+@dataclass(frozen=True)
+class MultiresConfig:
+    """GaussianSVR's two-level multi-resolution: joint steps on slices downsampled 2x in plane first."""
+
+    steps: int = 150  #: coarse-level steps before the full-resolution ones (motions carried over)
+
+    def __post_init__(self) -> None:
+        _positive(self, "joint.multires", "steps")
+
+
+@dataclass(frozen=True)
+class BlockQueryConfig:
+    """M-Gaussian's block query: each pixel sums every Gaussian in the cubes within ``radius`` cubes of its own."""
+
+    size_mm: Optional[float] = None  #: cube side (null: the Gaussians' mean spacing, follows a progressive grid)
+    radius: int = 1  #: cubes around the pixel's, per axis
+
+    def __post_init__(self) -> None:
+        _check(self.size_mm is None or self.size_mm > 0, "joint.block_query.size_mm", f"must be > 0 or null, got {self.size_mm}")
+        _positive(self, "joint.block_query", "radius", strict=False)
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """Joint optimisation of the field, slice motions, scales and weights on the slices."""
+
+    steps: int = 0  #: full-resolution steps (one pass over the pixels each); 0: the fitted field is the result
+    motion: bool = True  #: optimise slice motion here too (false: keep the SVR cycles' motion)
+    motion_warmup: int = 0  #: steps before slice motion is released
+    batch_fraction: float = 1.0  #: fraction of in-mask pixels used per step (1 = full batch)
+    block_query: Optional[BlockQueryConfig] = None  #: null: each pixel sums its top-K Gaussians (model.k_neighbors)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    residual_field: Optional[ResidualFieldConfig] = None  #: M-Gaussian's neural residual field (null: off)
+    densify: Optional[DensifyConfig] = None  #: 3DGS density control (null: off)
+    progressive: Optional[ProgressiveConfig] = None  #: M-Gaussian's progressive grid (null: content-adaptive Gaussians)
+    multires: Optional[MultiresConfig] = None  #: GaussianSVR's coarse level first (null: full resolution only)
+
+    def __post_init__(self) -> None:
+        _positive(self, "joint", "steps", "motion_warmup", strict=False)
+        _check(0 < self.batch_fraction <= 1, "joint.batch_fraction", f"must be in (0, 1], got {self.batch_fraction}")
+        _check(not (self.densify and self.progressive and len(self.progressive.spacings_mm) > 1), "joint.densify",
+               "and a progressive grid with refinements (they interpolate on the grid's nodes) cannot be combined")
+
+
+@dataclass(frozen=True)
+class SliceWeightsConfig:
+    """Robust slice weights (GSVR public code): z = (r - median) / max(1.4826 MAD, mad_floor) of the slices'
+    mean absolute residual r; w = exp(-1/2 (max(z, 0) / z_scale)^2). Used by the SVR cycles and the joint stage."""
+
+    every: int = 50  #: joint steps between weight updates
+    z_scale: float = 4.0
+    mad_floor: float = 0.02
+
+    def __post_init__(self) -> None:
+        _positive(self, "slice_weights", "every", "z_scale", "mad_floor")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """The output volume."""
+
+    resolution_mm: float = 0.8  #: isotropic voxel size
+    k_neighbors: int = 32  #: Gaussians summed per voxel when sampling the volume
+
+    def __post_init__(self) -> None:
+        _positive(self, "output", "resolution_mm", "k_neighbors")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How the run is executed (results do not depend on checkpoint_every, nor on device up to rounding)."""
+
+    seed: int = 0
+    device: str = "auto"  #: "auto", "cpu" or "cuda"
+    #: steps between checkpoints of the fit and joint stages when checkpointing (rounded up to a multiple of
+    #: model.knn_every); SVR cycles are checkpointed after each cycle; null: cycles only
+    checkpoint_every: Optional[int] = 50
+
+    def __post_init__(self) -> None:
+        _one_of(self, "run", "device", ("auto", "cpu", "cuda"))
+        _check(self.checkpoint_every is None or self.checkpoint_every >= 1, "run.checkpoint_every",
+               f"must be >= 1 or null, got {self.checkpoint_every}")
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """All settings of ``gsvr reconstruct``, one section per stage (prepare, align, svr, init, fit, joint, output)."""
+
+    motion: bool = True  #: estimate slice motion (false: header geometry everywhere, the no-motion baseline)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    align: Optional[AlignConfig] = field(default_factory=AlignConfig)  #: null: keep the headers' stack geometry
+    svr: Optional[SvrSettings] = field(default_factory=SvrSettings)  #: null: the joint stage starts from the headers
+    model: ModelConfig = field(default_factory=ModelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    fit: Optional[FitConfig] = field(default_factory=FitConfig)  #: null: the sampled initialisation only
+    joint: JointConfig = field(default_factory=JointConfig)
+    slice_weights: Optional[SliceWeightsConfig] = field(default_factory=SliceWeightsConfig)  #: null: all weights 1
+    output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        _check(not (self.joint.progressive and not (self.motion and self.svr and self.init.from_svr)), "joint.progressive",
+               "starts the grid from the SVR volume: it needs motion: true, an svr section and init.from_svr: true")
+
+    @property
+    def svr_cycles_run(self) -> bool:
+        """True when the SVR cycles estimate motion before the Gaussian stages."""
+        return self.motion and self.svr is not None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, *, source: str = "config") -> "ReconConfig":
+        """Typed construction from nested plain values (YAML); unknown keys and wrong types are errors."""
         values = dict(values or {})
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise GsvrError(f"{source}: unknown reconstruction setting(s) {unknown}; known: {sorted(known)}")
-        typed = {}
-        for name, value in values.items():
-            kind = type(known[name].default)
-            if kind is tuple and isinstance(value, list):
-                value = tuple(float(v) if name.endswith("_mm") and isinstance(v, int) and not isinstance(v, bool) else v
-                              for v in value)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise GsvrError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
-            typed[name] = value
-        return cls(**typed)
+        from gsvr.recon.config_reference import FLAT_KEYS
+
+        old = sorted(k for k in values if k in FLAT_KEYS and k not in {f.name for f in dataclasses.fields(cls)})
+        if old:
+            moves = "; ".join(f"{k} -> {FLAT_KEYS[k]}" for k in old)
+            raise GsvrError(f"{source}: the flat settings of gsvr 0.1 are no longer read; write them in sections: {moves}")
+        return _build(cls, values, source, "")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ReconConfig":
-        path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise GsvrError(f"{path}: cannot read reconstruction config ({exc})") from exc
-        if not isinstance(values, dict):
-            raise GsvrError(f"{path}: reconstruction config must be a mapping of setting: value")
-        return cls.from_dict(values, source=str(path))
-
-    def svr_settings(self) -> "SvrSettings":
-        """The settings of the classical SVR cycles (motion initialisation and the svr_classic baseline)."""
-        from gsvr.recon.svr import SvrSettings
-
-        return SvrSettings(spacings_mm=tuple(float(v) for v in self.svr_spacings_mm),
-                           translation_only_cycles=self.svr_translation_only_cycles,
-                           stack_spacings_mm=tuple(float(v) for v in self.svr_stack_spacings_mm),
-                           reg_steps=self.svr_registration_steps, cg_iterations=self.svr_cg_iterations,
-                           tikhonov=self.svr_tikhonov, leave_one_out=self.svr_leave_one_out, robust=self.svr_robust,
-                           prior=self.svr_prior, edge_delta=self.svr_edge_delta)
-
-    def replace(self, **changes: Any) -> "ReconConfig":
-        return dataclasses.replace(self, **changes)
+        return cls.from_dict(read_yaml(path), source=str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def updated(self, changes: Mapping[str, Any], *, source: str = "config") -> "ReconConfig":
+        """A copy with ``changes`` merged in: nested values, or dotted keys (``{"output.resolution_mm": 0.5}``)."""
+        return ReconConfig.from_dict(merge(self.to_dict(), changes), source=source)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a reconstruction config file (a one-line error naming the file otherwise)."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise GsvrError(f"{path}: cannot read reconstruction config ({exc})") from exc
+    if not isinstance(values, dict):
+        raise GsvrError(f"{path}: reconstruction config must be a mapping of section: settings")
+    return values
+
+
+def merge(base: dict, changes: Mapping[str, Any]) -> dict:
+    """``base`` with ``changes`` merged section by section; a dotted key names a nested setting."""
+    out = dict(base)
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            value = {rest: value}
+        if isinstance(value, Mapping):  # a section: merged into what is there (a null section starts empty)
+            out[head] = merge(out[head] if isinstance(out.get(head), Mapping) else {}, value)
+        else:
+            out[head] = value
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass of a (possibly Optional) section annotation, else None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union else [hint]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def _optional(hint: Any) -> bool:
+    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+
+
+def _build(cls: type, values: Mapping[str, Any], source: str, prefix: str):
+    hints = _hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise GsvrError(f"{source}: unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
+                        f"{prefix.rstrip('.') or 'top level'} has {', '.join(sorted(known))}")
+    typed = {}
+    for name, value in values.items():
+        path, hint = prefix + name, hints[name]
+        section = _section_type(hint)
+        if value is None:
+            if not _optional(hint):
+                raise GsvrError(f"{source}: {path} cannot be null")
+            typed[name] = None
+        elif section is not None:
+            if not isinstance(value, Mapping):
+                raise GsvrError(f"{source}: {path} is a section: give a mapping of its settings ({{}} for its defaults)"
+                                + (" or null to switch it off" if _optional(hint) else "") + f", got {value!r}")
+            typed[name] = _build(section, value, source, path + ".")
+        else:
+            typed[name] = _scalar(value, hint, known[name].default, source, path)
+    return cls(**typed)
+
+
+def _scalar(value: Any, hint: Any, default: Any, source: str, path: str) -> Any:
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if _optional(hint) else [hint]
+    kind = kinds[0]
+    origin = typing.get_origin(kind) or kind
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise GsvrError(f"{source}: {path} must be a list, got {value!r}")
+        is_float = path.endswith("_mm") or any(isinstance(v, float) for v in (default or ()))
+        value = tuple(float(v) if is_float and _number(v) else v for v in value)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise GsvrError(f"{source}: {path} must hold finite numbers, got {value!r}")
+        return value
+    if origin is float and _integer(value):
+        value = float(value)
+    if origin is float and isinstance(value, float) and not math.isfinite(value):
+        raise GsvrError(f"{source}: {path} must be a finite number, got {value!r}")
+    if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
+        raise GsvrError(f"{source}: {path} must be {origin.__name__}, got {value!r}")
+    return value

@@ -88,3 +88,29 @@ def slice_image_terms(images: SliceImages, pred: Tensor, y: Tensor, pixels: Tens
             total = total + tv_weight * (w * tv / pairs).sum()
         total.backward()
     return float(total.detach()), p.grad
+
+
+#: Lever arm (mm) turning the mean slice rotation (rad) into a distance for the gauge penalty.
+GAUGE_LEVER_MM = 50.0
+
+
+def anisotropy_penalty(log_scales: Tensor, max_ratio: float) -> Tensor:
+    """M-Gaussian's anisotropy regulariser: mean over Gaussians of max(s_max / s_min - max_ratio, 0)."""
+    ratio = torch.exp(log_scales.max(-1).values - log_scales.min(-1).values)
+    return (ratio - max_ratio).clamp_min(0).mean()
+
+
+def regularise(field, motion, cfg) -> float:
+    """GSVR's scale regulariser, M-Gaussian's anisotropy penalty and a gauge term pinning the mean slice
+    motion and scale, back-propagated; returns their value. ``cfg``: the ``joint.loss`` section."""
+    reg = cfg.scale_reg_weight * (torch.exp(field.log_scales) - cfg.scale_target_mm).square().sum(-1).mean()
+    if cfg.anisotropy is not None and cfg.anisotropy.weight > 0:
+        reg = reg + cfg.anisotropy.weight * anisotropy_penalty(field.log_scales, cfg.anisotropy.max_ratio)
+    gauge = cfg.gauge_weight * (
+        motion.trans.mean(0).square().sum()
+        + (GAUGE_LEVER_MM * motion.rotvec.mean(0)).square().sum()
+        + motion.log_scale.mean().square()
+    )
+    total = reg + gauge
+    total.backward()
+    return total.item()

@@ -47,7 +47,7 @@ def sample_volume(model: dict, *, resolution_mm: float, device: torch.device | s
     field_ = GaussianField.from_state(model["field"], device)
     support = model["support_points"].to(device)
     radius = float(model["support_radius_mm"])
-    cfg = model["config"]
+    backend, k, delta = sampling_settings(model["config"])
     shape, affine_local = output_grid(support.cpu().numpy().astype(np.float64), resolution_mm, radius)
     n_vox = int(np.prod(shape))
     if n_vox > 2_000_000_000 // 4:
@@ -58,16 +58,23 @@ def sample_volume(model: dict, *, resolution_mm: float, device: torch.device | s
         flat = torch.arange(start, min(start + chunk * 4, n_vox), device=device)
         ijk = torch.stack(torch.unravel_index(flat, shape), -1)
         pts = torch.stack([axes[d][ijk[:, d]] for d in range(3)], -1)
-        near = knn(support, pts, 1, backend=cfg["knn_backend"])[:, 0]
+        near = knn(support, pts, 1, backend=backend)[:, 0]
         inside = (pts - support[near]).norm(dim=-1) <= radius
         if inside.any():
-            vals = field_.sample(pts[inside], k=cfg["output_k_neighbors"], knn_backend=cfg["knn_backend"], chunk=chunk, delta=cfg["delta"])
+            vals = field_.sample(pts[inside], k=k, knn_backend=backend, chunk=chunk, delta=delta)
             block = np.zeros(len(flat), dtype=np.float32)
             block[inside.cpu().numpy()] = vals.clamp_min(0).cpu().numpy()
             out[start : start + len(flat)] = block
     affine = affine_local.copy()
     affine[:3, 3] += model["origin_mm"]
     return SampledVolume(data=out.reshape(shape) * np.float32(model["intensity_scale"]), affine=affine)
+
+
+def sampling_settings(config: dict) -> tuple[str, int, float]:
+    """kNN backend, Gaussians per voxel and delta from a model's saved settings (nested, or the flat layout of gsvr 0.1)."""
+    if "model" in config:
+        return config["model"]["knn_backend"], config["output"]["k_neighbors"], config["model"]["delta"]
+    return config["knn_backend"], config["output_k_neighbors"], config["delta"]
 
 
 def save_model(path: str | Path, model: dict) -> None:

@@ -1,0 +1,158 @@
+"""The state a reconstruction carries from stage to stage, and the result it ends in."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from gsvr.errors import GsvrError
+from gsvr.io.nifti import Stack
+from gsvr.model.field import GaussianField
+from gsvr.model.grid import GaussianGrid
+from gsvr.recon.checkpoint import Checkpointer
+from gsvr.recon.config import ReconConfig
+from gsvr.recon.slices import SliceData, SliceMotion
+from gsvr.recon.svr import SvrState
+from gsvr.recon.volume import SampledVolume
+
+log = logging.getLogger("gsvr.recon")
+
+#: Columns of the per-step log (``Result.history``, ``--output-log``); ``value`` is the ``measure``.
+HISTORY_COLUMNS = ["step", "stage", "elapsed_s", "value", "measure"]
+#: What ``value`` measures in each stage of the log.
+STAGE_MEASURES = {"svr": "median slice NCC (leave one stack out)", "fit": "L1 to the SVR volume",
+                  "joint": "weighted L1 slice loss"}
+
+
+@dataclass
+class Result:
+    """What a reconstruction returns.
+
+    Attributes:
+        volume: the sampled volume (data in input intensity units, world affine).
+        slices: one row per slice: stack, slice index, rotation (deg), translation (mm), scale, weight.
+        history: one row per step (see ``HISTORY_COLUMNS``): SVR cycles (median slice NCC), steps of the
+            fit to the SVR volume (L1 to it) and joint steps (weighted L1 slice loss), with wall time.
+        model: everything needed to re-sample the volume (see :func:`gsvr.recon.volume.load_model`).
+        config: the configuration used.
+        elapsed_s: wall time of the optimisation and sampling.
+    """
+
+    volume: SampledVolume
+    slices: pd.DataFrame
+    history: pd.DataFrame
+    model: dict
+    config: ReconConfig
+    elapsed_s: float
+
+
+@dataclass
+class ProgressiveGrid:
+    """M-Gaussian's progressive grid: the grid the Gaussians sit on, and the support radius that chooses its nodes."""
+
+    grid: GaussianGrid
+    radius_mm: float
+
+
+@dataclass
+class ReconState:
+    """Everything the stages hand on. Stages fill it in order (see :mod:`gsvr.recon.stages`)."""
+
+    cfg: ReconConfig
+    ck: Checkpointer
+    stacks: list[Stack]
+    progress: bool = True
+    t_start: float = field(default_factory=time.perf_counter)
+    device: torch.device = torch.device("cpu")
+    # From the slices stage on.
+    data: SliceData | None = None
+    motion: SliceMotion | None = None
+    weights: Tensor | None = None  # [S] slice weights
+    gen: torch.Generator | None = None
+    history: list = field(default_factory=list)
+    bar: object = None
+    # From the svr, init and fit stages on.
+    svr: SvrState | None = None
+    covered: Tensor | None = None  # [I, J, K] bool: SVR voxels within the support radius of the slices
+    field: GaussianField | None = None
+    progressive: ProgressiveGrid | None = None
+    # From the sample stage.
+    result: Result | None = None
+
+    def record(self, stage: str, value: float) -> None:
+        """Append one row of the per-step log (``HISTORY_COLUMNS``)."""
+        self.history.append((len(self.history) + 1, stage, time.perf_counter() - self.t_start, value, STAGE_MEASURES[stage]))
+
+    def save(self, stage: str, step: int, **extra) -> None:
+        """Checkpoint the state shared by all stages, plus the stage's own ``extra``."""
+        self.ck.save(stage, step, motion=self.motion.state_dict(), weights=self.weights, history=list(self.history),
+                     gen=self.gen.get_state(), elapsed_s=time.perf_counter() - self.t_start, **extra)
+
+    @property
+    def k(self) -> int:
+        return self.cfg.model.k_neighbors
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GsvrError("--device cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def log_peak_memory(after: str) -> None:
+    """Peak resident memory of the process so far (a memory report names the stage that set it)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 ** 2 if sys.platform != "darwin" else 1024 ** 3)
+    log.info("after %s: peak resident memory %.2f GB", after, peak)
+
+
+def robust_slice_weights(mean_abs_res: Tensor, cfg) -> Tensor:
+    """GSVR public code: z = (r - median) / max(1.4826 MAD, floor); w = exp(-1/2 (max(z, 0) / s)^2).
+
+    ``cfg``: the ``slice_weights`` section (:class:`gsvr.recon.config.SliceWeightsConfig`)."""
+    med = mean_abs_res.median()
+    mad = (mean_abs_res - med).abs().median()
+    z = (mean_abs_res - med) / torch.clamp(1.4826 * mad, min=cfg.mad_floor)
+    return torch.exp(-0.5 * (z.clamp_min(0) / cfg.z_scale).square())
+
+
+def slice_weight_fn(cfg: ReconConfig):
+    """The SVR cycles' ``weight_fn``: robust weights, or all ones when ``slice_weights`` is null."""
+    if cfg.slice_weights is None:
+        return torch.ones_like
+    return lambda r: robust_slice_weights(r, cfg.slice_weights)
+
+
+def support_radius(stacks: Sequence[Stack]) -> float:
+    """Distance (mm) from the nearest in-mask pixel within which a voxel belongs to the volume: the
+    slice PSF's through-plane reach (one thickness or slice spacing) plus one in-plane pixel (half a
+    thickness cuts brain-mask voxels at the boundary)."""
+    return float(max(max(s.spacing_mm[2], s.thickness_mm) + max(s.spacing_mm[:2]) for s in stacks))
+
+
+def slice_table(data: SliceData, motion: SliceMotion, weights: Tensor, stacks: Sequence[Stack]) -> pd.DataFrame:
+    """One row per slice: its stack, index, motion (deg, mm), intensity scale and weight."""
+    rot = np.degrees(motion.rotvec.detach().cpu().numpy())
+    tr = motion.trans.detach().cpu().numpy()
+    return pd.DataFrame({
+        "stack": [stacks[i].name for i in data.stack_of_slice],
+        "stack_index": data.stack_of_slice,
+        "slice_index": data.slice_in_stack,
+        "rx_deg": rot[:, 0], "ry_deg": rot[:, 1], "rz_deg": rot[:, 2],
+        "tx_mm": tr[:, 0], "ty_mm": tr[:, 1], "tz_mm": tr[:, 2],
+        "intensity_scale": torch.exp(motion.log_scale).detach().cpu().numpy(),
+        "weight": weights.cpu().numpy(),
+    })
