@@ -1,3 +1,5 @@
+import ast
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +66,37 @@ def test_an_ablation_row_naming_an_unknown_method_is_rejected(tmp_path):
     assert res.returncode != 0 and "gsvr_nosuch" in res.stderr + res.stdout
 
 
+@pytest.mark.parametrize("settings,word", [("{no_such_knob: 1}", "no_such_knob"),
+                                           ("{engine: nesvor, comand: [nesvor]}", "comand")])
+def test_a_method_with_an_unknown_setting_fails_the_dry_run_naming_the_method(tmp_path, settings, word):
+    # Checked when Snakemake parses the workflow (gsvr.recon.files.check_methods), not when the job runs.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"methods:\n  typo_method: {settings}\n")
+    res = _snakemake("-n", "--cores", "1", "--nolock", "--configfile", str(bad))
+    out = res.stderr + res.stdout
+    assert res.returncode != 0
+    assert "methods.typo_method" in out and word in out, out[-2000:]
+
+
+def test_every_script_is_an_adapter_calling_gsvr():
+    """Scripts read snakemake's inputs and params, log, and call gsvr: no logic of their own."""
+    allowed = {"logging", "os", "pathlib", "gsvr"}
+    for script in sorted((ROOT / "workflow" / "scripts").glob("*.py")):
+        text = script.read_text()
+        assert len(text.splitlines()) <= 15, f"{script.name}: {len(text.splitlines())} lines"
+        tree = ast.parse(text)
+        modules = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        modules |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert {m.split(".")[0] for m in modules} <= allowed, f"{script.name} imports {sorted(modules)}"
+        assert not any(isinstance(n, (ast.For, ast.While, ast.FunctionDef, ast.With, ast.Try)) for n in ast.walk(tree)), script.name
+
+
+def test_parsing_the_workflow_leaves_the_search_path_and_environment_alone():
+    # gsvr comes from the pip install (README), in the Snakemake process and, through it, in the jobs.
+    text = "\n".join(p.read_text() for p in [ROOT / "Snakefile", *(ROOT / "workflow" / "rules").glob("*.smk")])
+    assert not re.search(r"sys\.path\.(insert|append|extend)|os\.environ|putenv", text)
+
+
 
 def _write_tiny_cohort(root, small_subject):
     """A 1.6 mm subject with ground truth and labels, an 'acquired' subject of simulated stacks, and a
@@ -97,15 +130,15 @@ def _write_tiny_cohort(root, small_subject):
     pd.DataFrame([{"subject": "acq", "dataset": "test", "stacks": " ".join(f"../data/{n}.nii.gz" for n in names),
                    "masks": " ".join(f"../data/{n}_mask.nii.gz" for n in names), "thicknesses": "4 4 4"}]).to_csv(
         cfg_dir / "acquired.tsv", sep="\t", index=False)
-    fast = dict(n_gaussians=4000, k_neighbors=16, output_resolution_mm=1.6, seed=0, svr_spacings_mm=[3.2, 3.2, 2.4],
-                svr_stack_spacings_mm=[3.2], init_fit_steps=30)
+    fast = {"init": {"n_gaussians": 4000}, "model": {"k_neighbors": 16}, "output": {"resolution_mm": 1.6},
+            "run": {"seed": 0}, "svr": {"spacings_mm": [3.2, 3.2, 2.4], "stack_spacings_mm": [3.2]}, "fit": {"steps": 30}}
     config = {
         "subjects": "config/subjects.tsv", "acquired": "config/acquired.tsv", "assess_methods": ["svr_classic"],
         "simulation": sim_cfg, "preprocess": {"crop_margin_mm": 8.0, "n4": False, "standardise": True},
         "segmentation": {"atlases": [str(ROOT / "data/atlases/GA22"), str(ROOT / "data/atlases/GA24")],
                          "registration_spacing_mm": 3.2},
         "methods": {"gsvr": fast, "svr_classic": {**fast, "engine": "svr_classic"},
-                    "stack_average": {"engine": "stack_average", "output_resolution_mm": 1.6},
+                    "stack_average": {"engine": "stack_average", "output": {"resolution_mm": 1.6}},
                     "nesvor": {"engine": "nesvor", "command": ["gsvr-test-no-such-program"]}},
     }
     (cfg_dir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -155,11 +188,12 @@ def test_the_cpu_sized_override_shortens_the_ablation_rows_and_keeps_their_compo
     for name in ("config.yaml", "ablation_gsvr.yaml", "ablation_mgaussian.yaml", "ablation_gaussiansvr.yaml", "ablation_cpu.yaml"):
         update_config(config, yaml.safe_load((ROOT / "config" / name).read_text()))
     methods = config["methods"]
-    assert methods["mg_full"]["iterations"] == 40 and methods["mg_full"]["neighbour_query"] == "block"
-    assert methods["mg_noSSIM_noPR"]["progressive_spacings_mm"] == [1.2] and methods["mg_noSSIM"]["ssim_weight"] == 0.0
-    assert methods["gs_full"]["multires_steps"] == 20 and methods["gs_full"]["ssim_weight"] == 0.2
+    assert methods["mg_full"]["joint"]["steps"] == 40 and methods["mg_full"]["joint"]["block_query"]["radius"] == 2
+    assert methods["mg_noSSIM_noPR"]["joint"]["progressive"]["spacings_mm"] == [1.2]
+    assert methods["mg_noSSIM"]["joint"]["loss"]["ssim_weight"] == 0.0
+    assert methods["gs_full"]["joint"]["multires"]["steps"] == 20 and methods["gs_full"]["joint"]["loss"]["ssim_weight"] == 0.2
     assert methods["svr_classic"]["engine"] == "svr_classic"
-    assert methods["gsvr_K10"] == {"k_neighbors": 10, "registration": "none"}
+    assert methods["gsvr_K10"] == {"model": {"k_neighbors": 10}, "align": None}
     res = _snakemake("-n", "--cores", "1", "--nolock", "--forceall", "--configfile", "config/ablation_mgaussian.yaml",
                      "config/ablation_gaussiansvr.yaml", "config/ablation_cpu.yaml")
     assert res.returncode == 0, res.stderr + res.stdout

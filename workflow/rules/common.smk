@@ -1,12 +1,19 @@
-import os
-import sys
-
 import pandas as pd
 from pathlib import Path
 from snakemake.utils import validate
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))  # gsvr from this checkout (also under --sdm conda)
-from gsvr.baselines.external import PROGRAMS, ExternalSettings, availability
+# gsvr is the package installed in Snakemake's environment (`pip install -e .`, README); the workflow
+# sets no paths. Jobs import the same code: without --sdm conda they run this environment's Python; under
+# --sdm conda (envs/*.yaml hold only third-party packages) Snakemake's preamble of each `script:` appends
+# this process's sys.path, where the editable install puts the checkout's src/, to the job's sys.path.
+# (Snakemake removes PYTHONPATH from conda jobs' environment, so exporting it would not reach them.)
+try:
+    from gsvr.baselines.external import PROGRAMS, ExternalSettings, availability
+    from gsvr.recon.files import check_methods
+except ModuleNotFoundError as _exc:
+    if _exc.name != "gsvr":
+        raise
+    raise ModuleNotFoundError("the workflow needs gsvr in Snakemake's Python environment: pip install -e . (README)") from _exc
 
 validate(config, "../schemas/config.schema.yaml")
 
@@ -30,14 +37,12 @@ SUBJECTS = _read_sheet(_sheet, "../schemas/subjects.schema.yaml")
 _acquired_sheet = Path(config["acquired"]) if config.get("acquired") else None
 ACQUIRED = (_read_sheet(_acquired_sheet, "../schemas/acquired.schema.yaml") if _acquired_sheet
             else pd.DataFrame(columns=["subject", "dataset", "stacks", "masks", "thicknesses"]).set_index("subject", drop=False))
+# Every method's settings (engine and the engine's settings) are checked now, when Snakemake parses
+# the workflow: a typo fails `snakemake -n` with a message naming methods.<name>, before any job runs.
+METHOD_SETTINGS = check_methods(config["methods"])  # name -> (engine, parsed settings)
 # External tools (engine nesvor|svrtk|niftymic) that are not installed are left out of the chains and
 # listed in the tables as "not installed", with the reason.
-NOT_INSTALLED = {}
-for _m, _cfg in config["methods"].items():
-    if _cfg.get("engine") in PROGRAMS:
-        _why = availability(ExternalSettings.from_dict(_cfg, source=f"config methods.{_m}"))
-        if _why:
-            NOT_INSTALLED[_m] = _why
+NOT_INSTALLED = {m: why for m, (_, s) in METHOD_SETTINGS.items() if isinstance(s, ExternalSettings) and (why := availability(s))}
 METHODS = [m for m in config["methods"] if m not in NOT_INSTALLED]
 ASSESS_METHODS = [m for m in config.get("assess_methods", METHODS) if m not in NOT_INSTALLED]
 
@@ -58,7 +63,7 @@ if _both:
 _unknown = sorted(set(config.get("assess_methods", [])) - set(config["methods"]))
 if _unknown:
     raise ValueError(f"assess_methods names methods not in methods: {', '.join(_unknown)}")
-_external = sorted(m for m in config.get("assess_methods", []) if config["methods"][m].get("engine") in PROGRAMS)
+_external = sorted(m for m in config.get("assess_methods", []) if METHOD_SETTINGS[m][0] in PROGRAMS)
 if _external:
     raise ValueError(f"assess_methods: gsvr assess reconstructs with gsvr's own methods only, not {', '.join(_external)}")
 
@@ -112,11 +117,3 @@ def preprocessed(wildcards):
     return {"stacks": [f"results/{wildcards.subject}/pre/stack{k}.nii.gz" for k in n],
             "masks": [f"results/{wildcards.subject}/pre/stack{k}_mask.nii.gz" for k in n]}
 
-
-
-# Jobs import gsvr from this checkout: under `--sdm conda` the environments (envs/*.yaml) hold only
-# the third-party packages; with the pip install it is the same code. The workflow sets the variable
-# for its jobs (it requires nothing from the user, hence no envvars directive).
-_src = str(Path(workflow.basedir) / "src")
-_path = [p for p in dict(os.environ).get("PYTHONPATH", "").split(os.pathsep) if p and p != _src]
-os.environ.update(PYTHONPATH=os.pathsep.join([_src] + _path))

@@ -24,7 +24,6 @@ rule aggregate:
         per_subject=report("results/tables/per_subject.csv", caption="../report/quality.rst", category="Tables"),
         table="results/tables/quality.md",
     params:
-        kind="quality",
         subjects=list(SUBJECTS.index),
         methods=METHODS,
         not_installed=NOT_INSTALLED,
@@ -33,7 +32,7 @@ rule aggregate:
     conda:
         "../../envs/evaluate.yaml"
     script:
-        "../scripts/aggregate.py"
+        "../scripts/quality_table.py"
 
 
 # Acquired subjects (no ground truth): the leave-one-stack-out table.
@@ -45,7 +44,6 @@ rule aggregate_assess:
         per_subject=report("results/tables/assess_per_subject.csv", caption="../report/assess.rst", category="Tables"),
         table="results/tables/assess.md",
     params:
-        kind="assess",
         subjects=list(ACQUIRED.index),
         methods=ASSESS_METHODS,
         not_installed={m: w for m, w in NOT_INSTALLED.items() if m in config.get("assess_methods", config["methods"])},
@@ -54,7 +52,7 @@ rule aggregate_assess:
     conda:
         "../../envs/evaluate.yaml"
     script:
-        "../scripts/aggregate.py"
+        "../scripts/assess_table.py"
 
 
 # Ablations (config `ablations:`): rows of the quality table in a paper's layout, with differences to the first row.

@@ -36,4 +36,4 @@ rule preprocess_acquired:
     conda:
         "../../envs/preprocess.yaml"
     script:
-        "../scripts/preprocess.py"
+        "../scripts/preprocess_acquired.py"

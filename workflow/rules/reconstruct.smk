@@ -1,3 +1,9 @@
+def gpus(wildcards):
+    """1 when the method asks for CUDA (its run.device), else 0."""
+    settings = METHOD_SETTINGS[wildcards.method][1]  # parsed when the workflow was read (common.smk)
+    return 1 if getattr(getattr(settings, "run", None), "device", "auto") == "cuda" else 0
+
+
 rule reconstruct:
     input:
         unpack(preprocessed),
@@ -14,7 +20,7 @@ rule reconstruct:
         "benchmarks/{subject}/{method}/reconstruct.tsv"
     threads: 8  # capped by --cores locally; the SLURM profile sets its own
     resources:
-        gpu=lambda wc: 1 if config["methods"][wc.method].get("device", "auto") == "cuda" else 0,
+        gpu=gpus,
     conda:
         "../../envs/recon.yaml"
     script:
@@ -36,7 +42,7 @@ rule assess:
         "benchmarks/{subject}/{method}/assess.tsv"
     threads: 8
     resources:
-        gpu=lambda wc: 1 if config["methods"][wc.method].get("device", "auto") == "cuda" else 0,
+        gpu=gpus,
     conda:
         "../../envs/recon.yaml"
     script:

@@ -27,13 +27,20 @@ rule segment:
         "../scripts/segment.py"
 
 
+def segmentation_scoring(wildcards):
+    """The label map and the truth; for a reconstruction also its volume, the reference and the mask, whose
+    registration carries the labels onto the truth (the ground truth's own labels need none)."""
+    files = {"labels": f"results/{wildcards.subject}/{wildcards.method}/labels.nii.gz",
+             "truth": subject_path("labels")(wildcards)}
+    if wildcards.method != "ground_truth":
+        files.update(volume=segmentation_volume(wildcards), reference=subject_path("volume")(wildcards),
+                     mask=subject_path("mask")(wildcards))
+    return files
+
+
 rule evaluate_segmentation:
     input:
-        labels="results/{subject}/{method}/labels.nii.gz",
-        truth=subject_path("labels"),
-        volume=segmentation_volume,
-        reference=subject_path("volume"),
-        mask=subject_path("mask"),
+        unpack(segmentation_scoring),
     output:
         "results/{subject}/{method}/segmentation.tsv",
     params:
@@ -54,7 +61,6 @@ rule aggregate_segmentation:
         per_subject=report("results/tables/segmentation_per_subject.csv", caption="../report/segmentation.rst", category="Tables"),
         table="results/tables/segmentation.md",
     params:
-        kind="segmentation",
         subjects=SEGMENTED,
         methods=["ground_truth"] + METHODS,
         not_installed=NOT_INSTALLED,
@@ -63,4 +69,4 @@ rule aggregate_segmentation:
     conda:
         "../../envs/evaluate.yaml"
     script:
-        "../scripts/aggregate.py"
+        "../scripts/segmentation_table.py"

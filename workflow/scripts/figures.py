@@ -1,11 +1,12 @@
 import logging
 
-from gsvr.evaluate.figures import convergence_figure, triplanar_panel
+from gsvr.evaluate.figures import subject_figures
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO)
-subject = snakemake.wildcards.subject
 methods = snakemake.params.methods
-columns = [("ground truth", snakemake.input.reference), ("input stack 0", snakemake.input.stack)]
-columns += list(zip(methods, snakemake.input.volumes))
-triplanar_panel(columns, snakemake.input.reference, snakemake.input.mask, snakemake.output.triplanar, title=subject)
-convergence_figure(dict(zip(methods, snakemake.input.logs)), snakemake.output.convergence, title=subject)
+subject_figures(
+    snakemake.input.reference, snakemake.input.mask, snakemake.input.stack,
+    dict(zip(methods, snakemake.input.volumes)), dict(zip(methods, snakemake.input.logs)),
+    triplanar_png=snakemake.output.triplanar, convergence_png=snakemake.output.convergence,
+    title=snakemake.wildcards.subject,
+)

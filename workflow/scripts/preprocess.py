@@ -1,12 +1,7 @@
 import logging
-from pathlib import Path
 
-from gsvr.preprocess.stacks import PreprocessConfig, folder_stack_paths, preprocess_files
+from gsvr.preprocess.stacks import PreprocessConfig, preprocess_files
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO)
-if "stacks" in snakemake.output.keys():
-    out_stacks, out_masks = snakemake.output.stacks, snakemake.output.masks
-else:  # acquired subject: a folder with its own number of stacks
-    Path(snakemake.output[0]).mkdir(parents=True, exist_ok=True)
-    out_stacks, out_masks = folder_stack_paths(snakemake.output[0], len(snakemake.input.stacks))
-preprocess_files(snakemake.input.stacks, snakemake.input.masks, out_stacks, out_masks, PreprocessConfig(**snakemake.params.pre))
+preprocess_files(snakemake.input.stacks, snakemake.input.masks, snakemake.output.stacks, snakemake.output.masks,
+                 PreprocessConfig(**snakemake.params.pre))

@@ -109,3 +109,14 @@ def convergence_figure(logs: Mapping[str, str | Path], output_png: str | Path, *
         axes[0, 0].text(0.5, 0.5, "no logged steps", ha="center", va="center")
         axes[0, 0].set_axis_off()
     _save(fig, output_png, title)
+
+
+def subject_figures(reference_volume: str | Path, reference_mask: str | Path, stack: str | Path,
+                    volumes: Mapping[str, str | Path], logs: Mapping[str, str | Path], *, triplanar_png: str | Path,
+                    convergence_png: str | Path, title: str = "") -> None:
+    """The workflow's figures of one subject: the tri-planar panel (ground truth, one input stack, then
+    each method's volume; :func:`triplanar_panel`) and the convergence curves of the methods' per-step
+    logs (:func:`convergence_figure`). ``volumes`` and ``logs``: method -> path, in column order."""
+    columns = [("ground truth", reference_volume), ("input stack 0", stack), *volumes.items()]
+    triplanar_panel(columns, reference_volume, reference_mask, triplanar_png, title=title)
+    convergence_figure(logs, convergence_png, title=title)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -110,3 +112,21 @@ def _pose_size(tx: sitk.Transform, m: np.ndarray, affine: np.ndarray) -> tuple[f
     lps = np.array([-centroid[0], -centroid[1], centroid[2]])
     moved = np.array(tx.TransformPoint(lps.tolist()))
     return angle, float(np.linalg.norm(moved - lps))
+
+
+def evaluate_files(volume: str | os.PathLike, reference: str | os.PathLike, reference_mask: str | os.PathLike, *,
+                   output_json: str | os.PathLike | None = None, register: bool = True) -> EvaluationResult:
+    """Load a reconstruction, the ground-truth volume and its mask, :func:`evaluate_volume` them and write
+    the metrics as JSON (``output_json``, atomically, checked writable before any work) when asked."""
+    from gsvr.io.nifti import atomic_output, check_writable, load_image
+
+    if output_json is not None:
+        check_writable(output_json)
+    rec, rec_aff = load_image(volume, what="reconstruction")
+    gt, gt_aff = load_image(reference, what="reference volume")
+    mask, _ = load_image(reference_mask, what="reference mask")
+    result = evaluate_volume(rec, rec_aff, gt, gt_aff, mask, register=register)
+    if output_json is not None:
+        with atomic_output(output_json) as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result

@@ -4,8 +4,8 @@ Segmenters:
 
 * ``atlas`` (default): multi-atlas segmentation with antspyx. Every atlas (a folder with
   ``srr.nii.gz`` and ``parcellation.nii.gz``, e.g. the CC0 fetal atlas) is registered to the
-  volume (affine then SyN, both images resampled to ``registration_spacing_mm``: at 1.6 mm the
-  ground truth GA23 scores the same Dice as at 0.8 mm in a quarter of the time), its labels are
+  volume (affine then SyN, both images resampled to ``registration_spacing_mm``: a coarser spacing
+  keeps the Dice and saves time, measured in docs/results.md, section 8), its labels are
   carried over, and the labels (background included) are fused by joint label fusion inside
   the dilated union of the carried brain masks. An atlas named like the subject is never used on that subject.
 * ``nnunet``: a trained nnU-Net v2 model folder, run with ``nnUNetv2_predict_from_modelfolder``;
@@ -115,8 +115,8 @@ def _normalised(img):
 def _private_tempdir():
     """Point ``tempfile``'s default folder at a fresh folder removed on exit. antspyx names its
     registration transforms and joint-label-fusion probability maps with ``tempfile.mktemp`` and never
-    deletes them: each segmentation would otherwise leave about 15 files (3 per atlas registration, one
-    probability map per fused label) in /tmp."""
+    deletes them: each segmentation would otherwise leave the transforms of every atlas registration and
+    one probability map per fused label in /tmp (measured count: docs/results.md, section 8)."""
     previous = tempfile.tempdir
     with tempfile.TemporaryDirectory(prefix="gsvr-ants-") as tmp:
         tempfile.tempdir = tmp
@@ -290,3 +290,23 @@ def evaluate_segmentation_files(labels_path: str | os.PathLike, truth_path: str 
     pred = resample_labels(np.rint(labels).astype(np.int16), lab_aff, truth.shape, t_aff, transform)
     truth = map_labels(np.rint(truth).astype(np.int16), merge_labels)
     return score_segmentation(map_labels(pred, merge_labels), truth, np.linalg.norm(t_aff[:3, :3], axis=0))
+
+
+def write_segmentation_scores(labels_path: str | os.PathLike, truth_path: str | os.PathLike,
+                              output_tsv: str | os.PathLike, *, settings: SegmentationSettings | Mapping | None = None,
+                              volume_path: str | os.PathLike | None = None,
+                              reference_path: str | os.PathLike | None = None,
+                              mask_path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """:func:`evaluate_segmentation_files` with the label merges of ``settings`` (a
+    :class:`SegmentationSettings` or its plain mapping), the scores written to ``output_tsv`` (TSV,
+    atomically, checked writable before any work)."""
+    from gsvr.io.nifti import atomic_output, check_writable
+
+    if not isinstance(settings, SegmentationSettings):
+        settings = SegmentationSettings.from_dict(settings)
+    check_writable(output_tsv)
+    scores = evaluate_segmentation_files(labels_path, truth_path, merge_labels=settings.merge_labels,
+                                         volume_path=volume_path, reference_path=reference_path, mask_path=mask_path)
+    with atomic_output(output_tsv) as tmp:
+        scores.to_csv(tmp, sep="\t", index=False, float_format="%.5g")
+    return scores

@@ -1,0 +1,134 @@
+"""Methods on files (gsvr.recon.files): settings checks, dispatch between gsvr's engines and external
+tools, and the outputs each writes. No real reconstruction: stack_average and a fake external tool."""
+
+import sys
+import textwrap
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from gsvr.baselines.external import ExternalSettings
+from gsvr.errors import GsvrError
+from gsvr.recon.config import ReconConfig
+from gsvr.recon.engine import HISTORY_COLUMNS
+from gsvr.recon.files import assess_method_files, check_method_settings, check_methods, run_method_files
+
+
+def _write_stacks(folder, n=3, names=None):
+    """``n`` small stacks (a blob, 2 x 2 x 4 mm) with their masks, named as the workflow's preprocessed folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    grid = np.indices((20, 20, 8)).astype(np.float32)
+    centre = np.array([9.5, 9.5, 3.5])[:, None, None, None]
+    scale = np.array([6.0, 6.0, 3.0])[:, None, None, None]
+    blob = np.exp(-(((grid - centre) / scale) ** 2).sum(0)).astype(np.float32)
+    stacks, masks = [], []
+    for k in range(n):
+        affine = np.diag([2.0, 2.0, 4.0, 1.0])
+        affine[:3, 3] = -np.array([19.0, 19.0, 14.0]) + 0.5 * k
+        name = names[k] if names else f"stack{k}"
+        stacks.append(str(folder / f"{name}.nii.gz"))
+        masks.append(str(folder / f"{name}_mask.nii.gz"))
+        nib.save(nib.Nifti1Image(blob, affine), stacks[-1])
+        nib.save(nib.Nifti1Image((blob > 0.2).astype(np.uint8), affine), masks[-1])
+    return stacks, masks
+
+
+def _fake_tool(tmp_path):
+    """A program standing in for NeSVoR: records its arguments, writes a volume where asked."""
+    script = tmp_path / "fake_nesvor.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys
+        import nibabel as nib, numpy as np
+        args = sys.argv[1:]
+        out = args[args.index("--output-volume") + 1]
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), out)
+        open(sys.argv[0] + ".args.json", "w").write(json.dumps(args))
+    """))
+    return {"engine": "nesvor", "command": [sys.executable, str(script)]}, script
+
+
+def _outputs(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    return dict(output_volume=str(out / "volume.nii.gz"), output_slices_tsv=str(out / "slices.tsv"),
+                output_log=str(out / "iterations.tsv"))
+
+
+def test_settings_without_engine_are_gsvrs_and_an_external_tool_gets_its_own():
+    engine, parsed = check_method_settings({}, "config methods.gsvr")
+    assert engine == "gsvr" and parsed == ReconConfig.from_dict({})
+    engine, parsed = check_method_settings({"engine": "stack_average"}, "config methods.floor")
+    assert engine == "stack_average" and isinstance(parsed, ReconConfig)
+    engine, parsed = check_method_settings({"engine": "svrtk", "command": ["mirtk"]}, "config methods.svrtk")
+    assert engine == "svrtk" and parsed == ExternalSettings(tool="svrtk", command=("mirtk",))
+
+
+@pytest.mark.parametrize("settings,word", [({"no_such_knob": 1}, "no_such_knob"),
+                                           ({"engine": "svr_classic", "no_such_knob": 1}, "no_such_knob"),
+                                           ({"engine": "nesvor", "comand": ["x"]}, "comand"),
+                                           ({"engine": "nesvorr"}, "nesvorr")])
+def test_a_bad_setting_or_engine_is_an_error_naming_the_method(settings, word):
+    with pytest.raises(GsvrError, match=r"^config methods\.typo: ") as err:
+        check_method_settings(settings, "config methods.typo")
+    assert word in str(err.value)
+
+
+def test_a_check_made_after_parsing_is_given_the_methods_name(monkeypatch):
+    def refuse(values, *, source="config"):
+        raise GsvrError("config: some.setting must be > 0, got 0")
+
+    monkeypatch.setattr(ReconConfig, "from_dict", staticmethod(refuse))
+    with pytest.raises(GsvrError, match=r"^config methods\.x: some\.setting must be > 0"):
+        check_method_settings({}, "config methods.x")
+
+
+def test_check_methods_reports_every_bad_method_at_once():
+    methods = {"good": {}, "bad1": {"no_such_knob": 1}, "ext": {"engine": "niftymic"}, "bad2": {"engine": "nope"}}
+    with pytest.raises(GsvrError) as err:
+        check_methods(methods)
+    lines = str(err.value).splitlines()
+    assert [line.split(":")[0] for line in lines] == ["config methods.bad1", "config methods.bad2"]
+    checked = check_methods({"good": {}, "ext": {"engine": "niftymic"}})
+    assert checked["good"][0] == "gsvr" and checked["ext"][0] == "niftymic"
+
+
+def test_stack_average_on_files_writes_the_volume_slice_table_and_log(tmp_path):
+    stacks, masks = _write_stacks(tmp_path / "in")
+    out = _outputs(tmp_path)
+    result = run_method_files({"engine": "stack_average"}, stacks, masks, [4.0] * 3, source="config methods.sa", **out)
+    assert result is not None and np.isfinite(nib.load(out["output_volume"]).get_fdata()).all()
+    slices = pd.read_csv(out["output_slices_tsv"], sep="\t")
+    assert len(slices) == 3 * 8 and list(pd.read_csv(out["output_log"], sep="\t").columns) == HISTORY_COLUMNS
+
+
+def test_an_external_tool_on_a_folder_of_stacks_writes_its_volume_and_header_only_tables(tmp_path):
+    stacks, masks = _write_stacks(tmp_path / "pre_acquired")
+    settings, script = _fake_tool(tmp_path)
+    out = _outputs(tmp_path)
+    assert run_method_files(settings, str(tmp_path / "pre_acquired"), None, [4.0] * 3, **out) is None
+    args = pd.read_json(str(script) + ".args.json", typ="series").tolist()
+    assert args[args.index("--input-stacks") + 1:][:3] == stacks
+    assert args[args.index("--stack-masks") + 1:][:3] == masks
+    assert nib.load(out["output_volume"]).shape == (4, 4, 4)
+    slices, log = (pd.read_csv(out[k], sep="\t") for k in ("output_slices_tsv", "output_log"))
+    assert slices.empty and list(slices.columns) == ["stack", "slice_index"]
+    assert log.empty and list(log.columns) == HISTORY_COLUMNS
+
+
+def test_an_external_tool_that_is_not_installed_fails_before_writing_anything(tmp_path):
+    stacks, masks = _write_stacks(tmp_path / "in")
+    out = _outputs(tmp_path)
+    with pytest.raises(GsvrError, match="not installed"):
+        run_method_files({"engine": "nesvor", "command": ["gsvr-test-no-such-program"]}, stacks, masks, None, **out)
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_a_folder_of_stacks_takes_no_separate_masks_and_assessment_refuses_external_tools(tmp_path):
+    stacks, masks = _write_stacks(tmp_path / "pre_acquired")
+    with pytest.raises(GsvrError, match="holds their masks"):
+        run_method_files({}, str(tmp_path / "pre_acquired"), masks, None, **_outputs(tmp_path))
+    with pytest.raises(GsvrError, match=r"^config methods\.n: .*gsvr's own methods"):
+        assess_method_files({"engine": "nesvor"}, stacks, masks, None, output_tsv=str(tmp_path / "a.tsv"),
+                            source="config methods.n")
