@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import stacks_from_simulation as _stacks
 from scipy.spatial.transform import Rotation
 
 from gsvr.io.nifti import Stack
@@ -9,10 +10,6 @@ from gsvr.preprocess.align import align_stacks, interslice_consistency, register
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 
 SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
-
-
-def _stacks(sim):
-    return [Stack(data=s.data, mask=s.mask > 0, affine=s.affine, thickness_mm=s.thickness_mm, name=f"s{k}") for k, s in enumerate(sim.stacks)]
 
 
 def test_start_rotations_cover_the_sphere_of_turns_to_90_degrees():

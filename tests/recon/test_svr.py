@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers import stacks_from_simulation
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from gsvr.geometry import axis_angle_to_matrix
-from gsvr.io.nifti import Stack
 from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.slices import SliceMotion, build_slice_data, transform_points
 from gsvr.recon.svr import (SvrSettings, _grad_penalty_normal, edge_weights, em_robust_weights, register, remove_global_motion,
@@ -21,7 +21,7 @@ SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margi
 def moved(small_subject):
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, motion_rotation_deg=4.0, motion_translation_mm=3.0, seed=7, **SIM))
-    stacks = [Stack(data=s.data, mask=s.mask > 0, affine=s.affine, thickness_mm=s.thickness_mm, name=f"s{k}") for k, s in enumerate(sim.stacks)]
+    stacks = stacks_from_simulation(sim)
     data = build_slice_data(stacks, quantile=0.99, device=torch.device("cpu"))
     return sim, data, (vol, mask, affine)
 
@@ -99,8 +99,7 @@ def test_stack_registration_moves_a_turned_stack_back_as_one_rigid_body(small_su
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, motion_rotation_deg=0.0,
                                                               motion_translation_mm=0.0, seed=7, **SIM))
-    stacks = [Stack(data=s.data, mask=s.mask > 0, affine=s.affine, thickness_mm=s.thickness_mm, name=f"s{k}")
-              for k, s in enumerate(sim.stacks)]
+    stacks = stacks_from_simulation(sim)
     data = build_slice_data(stacks, quantile=0.99, device=torch.device("cpu"))
     stack_of = torch.as_tensor(data.stack_of_slice)
     turned = stack_of == 1

@@ -1,6 +1,7 @@
 """The simulator's acquisition geometry."""
 
 import numpy as np
+from helpers import stack_from_simulated
 
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 
@@ -24,7 +25,6 @@ def test_a_head_turn_between_stacks_moves_the_anatomy_not_the_header(small_subje
     from scipy.spatial.transform import Rotation
 
     from gsvr.evaluate.assess import compare_pixels, simulate_stack
-    from gsvr.io.nifti import Stack
 
     vol, mask, affine = small_subject
     common = dict(n_stacks=1, inplane_spacing_mm=1.6, thickness_mm=4.0, motion_rotation_deg=0.0, motion_translation_mm=0.0,
@@ -41,7 +41,7 @@ def test_a_head_turn_between_stacks_moves_the_anatomy_not_the_header(small_subje
     to_stack = np.eye(4)
     to_stack[:3, :3] = r.T
     to_stack[:3, 3] = sim.centre_mm - r.T @ sim.centre_mm
-    stack = Stack(data=turned.data, mask=turned.mask > 0, affine=turned.affine, thickness_mm=turned.thickness_mm)
+    stack = stack_from_simulated(turned)
     acquired = stack.data[stack.mask].astype(float)
     ncc_true, _ = compare_pixels(simulate_stack(vol, affine, stack, to_stack), acquired)
     ncc_header, _ = compare_pixels(simulate_stack(vol, affine, stack), acquired)
