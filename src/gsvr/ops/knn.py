@@ -3,7 +3,7 @@
 Backends: ``faiss`` (exact flat L2 index; GPU index when the tensors live on CUDA and
 faiss has GPU support), ``kdtree`` (scipy's cKDTree, all cores), ``torch`` (chunked
 brute force, any device). ``auto`` picks kdtree on CPU (measured faster than faiss'
-flat index on 2 cores, see bench/knn_backends.py) and faiss/torch on CUDA.
+flat index on 2 cores: bench/knn_backends.py, figures in docs/results.md) and faiss/torch on CUDA.
 """
 
 from __future__ import annotations
