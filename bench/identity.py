@@ -7,8 +7,8 @@ same torch build). Cases:
 
     python bench/identity.py [--cases tiny severe]
 
-Settings are given in the flat names of the old configuration (see ``FLAT``): they are turned
-into the nested sections by ``gsvr.recon.config.nest_flat`` where it exists.
+Settings are given in the flat names of gsvr 0.1 (see ``FLAT``), so the same cases run before and
+after the nested configuration of 0.2 (through ``gsvr.recon.config_reference.nest_flat``).
 """
 
 from __future__ import annotations
@@ -42,10 +42,13 @@ FLAT = {
 
 
 def _config(flat: dict):
-    from gsvr.recon import config as config_module
+    from gsvr.recon.config import ReconConfig
 
-    nest = getattr(config_module, "nest_flat", None)
-    return config_module.ReconConfig.from_dict(nest(flat) if nest else flat)
+    try:  # gsvr >= 0.2: nested sections
+        from gsvr.recon.config_reference import nest_flat
+    except ImportError:  # gsvr 0.1: the flat layout itself
+        return ReconConfig.from_dict(flat)
+    return ReconConfig.from_dict(nest_flat(flat))
 
 
 def _digest(result) -> tuple[str, str]:

@@ -239,18 +239,11 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from gsvr.evaluate import evaluate_volume
-    from gsvr.io.nifti import atomic_output, load_image
+    from gsvr.evaluate import evaluate_files
 
-    rec, rec_aff = load_image(args.input_volume, what="reconstruction")
-    gt, gt_aff = load_image(args.reference, what="reference volume")
-    mask, _ = load_image(args.reference_mask, what="reference mask")
-    res = evaluate_volume(rec, rec_aff, gt, gt_aff, mask, register=not args.no_registration)
-    text = json.dumps(res.to_dict(), indent=2)
-    if args.output_json:
-        with atomic_output(args.output_json) as tmp:
-            Path(tmp).write_text(text + "\n")
-    print(text)
+    res = evaluate_files(args.input_volume, args.reference, args.reference_mask, output_json=args.output_json,
+                         register=not args.no_registration)
+    print(json.dumps(res.to_dict(), indent=2))
     return 0
 
 

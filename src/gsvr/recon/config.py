@@ -10,17 +10,15 @@ are generated from these classes (:mod:`gsvr.recon.config_reference`).
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import yaml
 
 from gsvr.errors import GsvrError
 from gsvr.preprocess.stacks import PreprocessConfig
 from gsvr.recon.svr import SvrSettings
+from gsvr.recon.typed import build, is_integer, is_number, merge, read_yaml
 
 
 def _check(cond: bool, where: str, message: str) -> None:
@@ -206,10 +204,10 @@ class ProgressiveConfig:
     grid_scale: float = 1.0  #: initial standard deviation of the grid's Gaussians, in grid spacings
 
     def __post_init__(self) -> None:
-        _check(bool(self.spacings_mm) and all(_number(v) and v > 0 for v in self.spacings_mm),
+        _check(bool(self.spacings_mm) and all(is_number(v) and v > 0 for v in self.spacings_mm),
                "joint.progressive.spacings_mm", f"must be a non-empty list of positive spacings, got {self.spacings_mm!r}")
         miles = self.milestones
-        _check(len(miles) == len(self.spacings_mm) - 1 and all(_integer(m) and m >= 1 for m in miles)
+        _check(len(miles) == len(self.spacings_mm) - 1 and all(is_integer(m) and m >= 1 for m in miles)
                and list(miles) == sorted(set(miles)), "joint.progressive.milestones",
                f"must be increasing joint steps >= 1, one per refinement (len(spacings_mm) - 1), got {miles!r}")
         _positive(self, "joint.progressive", "grid_scale")
@@ -335,7 +333,7 @@ class ReconConfig:
         if old:
             moves = "; ".join(f"{k} -> {FLAT_KEYS[k]}" for k in old)
             raise GsvrError(f"{source}: the flat settings of gsvr 0.1 are no longer read; write them in sections: {moves}")
-        return _build(cls, values, source, "")
+        return build(cls, values, source, "")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ReconConfig":
@@ -347,97 +345,3 @@ class ReconConfig:
     def updated(self, changes: Mapping[str, Any], *, source: str = "config") -> "ReconConfig":
         """A copy with ``changes`` merged in: nested values, or dotted keys (``{"output.resolution_mm": 0.5}``)."""
         return ReconConfig.from_dict(merge(self.to_dict(), changes), source=source)
-
-
-def read_yaml(path: str | Path) -> dict:
-    """The mapping in a reconstruction config file (a one-line error naming the file otherwise)."""
-    path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise GsvrError(f"{path}: cannot read reconstruction config ({exc})") from exc
-    if not isinstance(values, dict):
-        raise GsvrError(f"{path}: reconstruction config must be a mapping of section: settings")
-    return values
-
-
-def merge(base: dict, changes: Mapping[str, Any]) -> dict:
-    """``base`` with ``changes`` merged section by section; a dotted key names a nested setting."""
-    out = dict(base)
-    for key, value in changes.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            value = {rest: value}
-        if isinstance(value, Mapping):  # a section: merged into what is there (a null section starts empty)
-            out[head] = merge(out[head] if isinstance(out.get(head), Mapping) else {}, value)
-        else:
-            out[head] = value
-    return out
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _integer(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _hints(cls: type) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _section_type(hint: Any) -> type | None:
-    """The dataclass of a (possibly Optional) section annotation, else None."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union else [hint]
-    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
-
-
-def _optional(hint: Any) -> bool:
-    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
-
-
-def _build(cls: type, values: Mapping[str, Any], source: str, prefix: str):
-    hints = _hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise GsvrError(f"{source}: unknown setting(s) {', '.join(prefix + u for u in unknown)}; "
-                        f"{prefix.rstrip('.') or 'top level'} has {', '.join(sorted(known))}")
-    typed = {}
-    for name, value in values.items():
-        path, hint = prefix + name, hints[name]
-        section = _section_type(hint)
-        if value is None:
-            if not _optional(hint):
-                raise GsvrError(f"{source}: {path} cannot be null")
-            typed[name] = None
-        elif section is not None:
-            if not isinstance(value, Mapping):
-                raise GsvrError(f"{source}: {path} is a section: give a mapping of its settings ({{}} for its defaults)"
-                                + (" or null to switch it off" if _optional(hint) else "") + f", got {value!r}")
-            typed[name] = _build(section, value, source, path + ".")
-        else:
-            typed[name] = _scalar(value, hint, known[name].default, source, path)
-    return cls(**typed)
-
-
-def _scalar(value: Any, hint: Any, default: Any, source: str, path: str) -> Any:
-    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if _optional(hint) else [hint]
-    kind = kinds[0]
-    origin = typing.get_origin(kind) or kind
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise GsvrError(f"{source}: {path} must be a list, got {value!r}")
-        is_float = path.endswith("_mm") or any(isinstance(v, float) for v in (default or ()))
-        value = tuple(float(v) if is_float and _number(v) else v for v in value)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in value):
-            raise GsvrError(f"{source}: {path} must hold finite numbers, got {value!r}")
-        return value
-    if origin is float and _integer(value):
-        value = float(value)
-    if origin is float and isinstance(value, float) and not math.isfinite(value):
-        raise GsvrError(f"{source}: {path} must be a finite number, got {value!r}")
-    if not isinstance(value, origin) or (origin is int and isinstance(value, bool)):
-        raise GsvrError(f"{source}: {path} must be {origin.__name__}, got {value!r}")
-    return value

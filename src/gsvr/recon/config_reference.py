@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import yaml
 
 from gsvr.errors import GsvrError
-from gsvr.recon.config import ReconConfig, _hints, _optional, _section_type, merge, read_yaml
+from gsvr.recon.config import ReconConfig
+from gsvr.recon.typed import is_optional, merge, read_yaml, section_type, type_hints
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,9 +124,9 @@ def _yaml_value(value: Any) -> str:
 
 
 def _walk(cls: type, instance: Any, depth: int, lines: list[str]) -> None:
-    docs, hints = field_docs(cls), _hints(cls)
+    docs, hints = field_docs(cls), type_hints(cls)
     for f in dataclasses.fields(cls):
-        value, section = getattr(instance, f.name), _section_type(hints[f.name])
+        value, section = getattr(instance, f.name), section_type(hints[f.name])
         pad = "  " * depth
         note = f"  # {docs[f.name]}" if docs.get(f.name) else ""
         if section is not None:
@@ -158,16 +159,16 @@ def reference_markdown() -> str:
            "defaults shown. The flat keys of gsvr 0.1 are refused with the new name of each.", ""]
 
     def table(cls: type, path: str, instance: Any, optional: bool) -> None:
-        docs, hints = field_docs(cls), _hints(cls)
+        docs, hints = field_docs(cls), type_hints(cls)
         out.extend([f"## `{path}`" + (" (optional)" if optional else ""), "", inspect.getdoc(cls) or "", "",
                     "| setting | default | meaning |", "|---|---|---|"])
         nested = []
         for f in dataclasses.fields(cls):
-            section = _section_type(hints[f.name])
+            section = section_type(hints[f.name])
             value = getattr(instance, f.name)
             if section is not None:
                 nested.append((section, f"{path}.{f.name}" if path else f.name, value if value is not None else section(),
-                               _optional(hints[f.name])))
+                               is_optional(hints[f.name])))
                 shown = "null" if value is None else "section"
             else:
                 shown = _yaml_value(value)
