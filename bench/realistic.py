@@ -6,11 +6,11 @@ slices every 3.3 mm covering the brain, oblique (U(+-10 deg) per axis), each sta
 U(+-35 deg) per axis (up to ~60 deg between stacks), slice motion U(+-4 deg)/U(+-3 mm), 10 %
 corrupted slices, masks saved with a header shifted by 0.05 mm. memory: the same with six stacks of
 320x320x22. Each case is reconstructed by `gsvr reconstruct` in a fresh process (defaults, and with
---registration stack), next to the clean 3-stack case (GSVR's severe protocol) for reference.
+--align stack), next to the clean 3-stack case (GSVR's severe protocol) for reference.
 Prints PSNR/SSIM (the project's protocol), wall time and peak RSS, and the machine.
 
-    python bench/realistic.py [--subjects GA23] [--cases clean realistic memory] [--registration none stack]
-                              [--config recon.yaml]   (other settings; --registration still wins)
+    python bench/realistic.py [--subjects GA23] [--cases clean realistic memory] [--align none stack]
+                              [--config recon.yaml]   (other settings; --align still wins)
                               [--keep DIR [--simulate-only]]   (keep the simulated stacks, e.g. for gsvr assess)
 """
 
@@ -80,7 +80,7 @@ def child(args) -> None:
     thick = [str(args.thickness)] * len(stacks)
     t = time.perf_counter()
     code = gsvr_main(["reconstruct", "--input-stacks", *stacks, "--stack-masks", *masks, "--thicknesses", *thick,
-                      "--output-volume", args.out, "--registration", args.registration, "--no-progress",
+                      "--output-volume", args.out, "--align", args.align, "--no-progress",
                       *(["--config", args.config] if args.config else [])])
     wall = time.perf_counter() - t
     print(json.dumps({"code": code, "wall_s": wall, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}))
@@ -90,7 +90,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", nargs="+", default=["GA23"])
     p.add_argument("--cases", nargs="+", default=list(CASES))
-    p.add_argument("--registration", nargs="+", default=["none", "stack"])
+    p.add_argument("--align", "--registration", dest="align", nargs="+", default=["none", "stack"])
     p.add_argument("--atlas", default=str(ATLAS))
     p.add_argument("--config", help="reconstruction config YAML (defaults otherwise)")
     p.add_argument("--keep", metavar="DIR", help="write the simulations here (kept) instead of a temporary folder")
@@ -99,10 +99,10 @@ def main() -> None:
     p.add_argument("--sim", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--thickness", type=float, help=argparse.SUPPRESS)
-    p.add_argument("--reg", dest="registration_one", help=argparse.SUPPRESS)
+    p.add_argument("--reg", dest="align_one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        args.registration = args.registration_one
+        args.align = args.align_one
         return child(args)
 
     import nibabel as nib
@@ -114,7 +114,7 @@ def main() -> None:
 
     print(f"# machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, torch {torch.__version__}, cuda {torch.cuda.is_available()}")
-    print("| subject | case | registration | stacks | stack shape | PSNR | SSIM | NCC | wall s | peak RSS GB |")
+    print("| subject | case | align | stacks | stack shape | PSNR | SSIM | NCC | wall s | peak RSS GB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or scratch
@@ -138,7 +138,7 @@ def main() -> None:
                 if args.simulate_only:
                     print(f"# {subject} {case}: {len(sim.stacks)} stacks in {sim_dir}", flush=True)
                     continue
-                regs = ["none"] if case == "memory" else args.registration
+                regs = ["none"] if case == "memory" else args.align
                 for reg in regs:
                     out = sim_dir / f"rec_{reg}.nii.gz"
                     cmd = [sys.executable, __file__, "--child", "--sim", str(sim_dir), "--out", str(out),
