@@ -36,6 +36,8 @@ def test_wrong_types_and_ranges_are_rejected_naming_the_setting():
         ReconConfig.from_dict({"preprocess": {"crop_margin_mm": -10}})
     with pytest.raises(GsvrError, match=r"output\.resolution_mm must be a finite"):
         ReconConfig.from_dict({"output": {"resolution_mm": float("nan")}})
+    with pytest.raises(GsvrError, match=r"joint\.optim\.lr\.means must be >= 0"):
+        ReconConfig.from_dict({"joint": {"optim": {"lr": {"means": -1.0}}}})
     with pytest.raises(GsvrError, match=r"model cannot be null"):
         ReconConfig.from_dict({"model": None})
     with pytest.raises(GsvrError, match=r"joint\.densify is a section.*null to switch it off"):
@@ -47,6 +49,8 @@ def test_the_flat_layout_is_refused_naming_the_new_key_of_each_old_one():
         ReconConfig.from_dict({"n_gaussians": 10, "iterations": 5})
     with pytest.raises(GsvrError, match=r"registration -> align \(null: none\)"):
         ReconConfig.from_dict({"registration": "none"})
+    with pytest.raises(GsvrError, match=r"gsvr config --migrate.*slice_weights -> slice_weights \(null: off\)"):
+        ReconConfig.from_dict({"slice_weights": False})
 
 
 def test_every_old_key_has_a_new_home_that_exists():
@@ -72,6 +76,13 @@ def test_old_flat_settings_migrate_to_the_same_switches():
     assert cfg.svr is not None and cfg.fit.lr.means == cfg.joint.optim.lr.means == 0.1
     assert cfg.joint.densify is None and cfg.slice_weights is None and cfg.run.checkpoint_every is None
     assert ReconConfig.from_dict(nest_flat({"init_motion": "none", "init_fit_steps": 0})).svr is None
+    # A component's settings without its switch leave it at gsvr 0.1's default (off), as 0.1 did.
+    assert nest_flat({"aniso_max_ratio": 2.0, "densify_fraction": 0.2, "nrf_hidden": 8, "block_radius": 2}) == {}
+    fixed = ReconConfig.from_dict(nest_flat({"progressive_spacings_mm": [1.6]})).joint.progressive
+    assert fixed.spacings_mm == (1.6,) and fixed.milestones == ()
+    for bad in ({"registration": "svort"}, {"nrf": "false"}, {"neighbour_query": "blocks"}):
+        with pytest.raises(GsvrError, match=next(iter(bad))):
+            nest_flat(bad)
 
 
 def test_an_old_config_file_migrates_to_a_valid_nested_one(tmp_path):

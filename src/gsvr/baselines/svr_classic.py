@@ -1,7 +1,7 @@
 """``svr_classic``: the voxel-grid SVR of :mod:`gsvr.recon.svr` as a method of its own.
 
 The same cycles that initialise the Gaussian engine's motion, then one super-resolution solve
-on the output grid (``output_resolution_mm``), with the final motions, scales and weights.
+on the output grid (``output.resolution_mm``), with the final motions, scales and weights.
 """
 
 from __future__ import annotations

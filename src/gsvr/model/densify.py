@@ -1,8 +1,8 @@
 """3DGS-style adaptive density control (Kerbl et al. 2023) for the Gaussian field.
 
-Every ``densify_every`` joint steps, the Gaussians whose mean position gradient (averaged over the
-steps since the last control) is in the top ``densify_fraction`` are densified: small ones (largest
-scale <= ``split_scale_mm``) are cloned, large ones are split in two, drawn from the Gaussian itself
+Every ``joint.densify.every`` joint steps, the Gaussians whose mean position gradient (averaged over
+the steps since the last control) is in the top ``joint.densify.fraction`` are densified: small ones
+(largest scale <= ``split_scale_mm``) are cloned, large ones are split in two, drawn from the Gaussian itself
 with scales divided by 1.6 (3DGS's factor). Gaussians whose intensity has vanished (|value| below
 ``prune_fraction`` of the median |value|) are removed.
 

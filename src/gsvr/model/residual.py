@@ -6,7 +6,7 @@ to each Gaussian's intensity at the Gaussian's mean instead, so the slice PSF st
 signal exactly (a residual added per pixel would escape the PSF) and the result is again a plain
 Gaussian field: :meth:`bake` folds the residual into the intensities, and sampling the volume at
 any resolution works unchanged. The output layer starts at zero, so switching the field on (after
-``nrf_start`` steps) does not disturb the reconstruction.
+``joint.residual_field.start`` steps) does not disturb the reconstruction.
 """
 
 from __future__ import annotations

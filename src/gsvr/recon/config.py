@@ -51,7 +51,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _one_of(self, "model", "render_mode", ("exact", "normalized"))
         _one_of(self, "model", "knn_backend", ("auto", "kdtree", "faiss", "torch"))
-        _positive(self, "model", "k_neighbors", "knn_every", "chunk_pixels", "delta")
+        _positive(self, "model", "k_neighbors", "knn_every", "chunk_pixels")
+        _positive(self, "model", "delta", strict=False)
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ class FieldRates:
     quats: float = 1e-2
     values: float = 1e-2
 
-    def __post_init__(self) -> None:
-        _positive(self, "lr", "means", "scales", "quats", "values", strict=False)
+    def check(self, section: str) -> None:
+        _positive(self, f"{section}.lr", "means", "scales", "quats", "values", strict=False)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "fit", "steps")
+        self.lr.check("fit")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _one_of(self, "joint.optim", "schedule", ("step", "cosine"))
+        self.lr.check("joint.optim")
         _positive(self, "joint.optim", "rotation", "translation", "slice_scale", "weight_decay", "step_gamma",
                   "cosine_final", strict=False)
         _positive(self, "joint.optim", "step_size")
@@ -199,8 +202,8 @@ class ProgressiveConfig:
     """M-Gaussian's progressive grid: Gaussians on a uniform grid of the first spacing (from the SVR
     volume), moved to the next spacing at each milestone (joint steps); one spacing: a fixed grid."""
 
-    spacings_mm: tuple = (3.2, 2.4, 1.6, 1.2)
-    milestones: tuple = (50, 100, 150)  #: one per refinement (len(spacings_mm) - 1), increasing
+    spacings_mm: tuple[float, ...] = (3.2, 2.4, 1.6, 1.2)
+    milestones: tuple[int, ...] = (50, 100, 150)  #: one per refinement (len(spacings_mm) - 1), increasing
     grid_scale: float = 1.0  #: initial standard deviation of the grid's Gaussians, in grid spacings
 
     def __post_init__(self) -> None:
@@ -329,10 +332,12 @@ class ReconConfig:
         values = dict(values or {})
         from gsvr.recon.config_reference import FLAT_KEYS
 
-        old = sorted(k for k in values if k in FLAT_KEYS and k not in {f.name for f in dataclasses.fields(cls)})
+        names = {f.name for f in dataclasses.fields(cls)}  # a true/false section (slice_weights) is also an old key
+        old = sorted(k for k in values if k in FLAT_KEYS and (k not in names or (k != "motion" and isinstance(values[k], bool))))
         if old:
             moves = "; ".join(f"{k} -> {FLAT_KEYS[k]}" for k in old)
-            raise GsvrError(f"{source}: the flat settings of gsvr 0.1 are no longer read; write them in sections: {moves}")
+            raise GsvrError(f"{source}: the flat settings of gsvr 0.1 are no longer read; write them in sections "
+                            f"(gsvr config --migrate FILE rewrites a file): {moves}")
         return build(cls, values, source, "")
 
     @classmethod

@@ -62,32 +62,45 @@ FLAT_KEYS = {
     "output_resolution_mm": "output.resolution_mm", "output_k_neighbors": "output.k_neighbors",
     "seed": "run.seed", "device": "run.device",
 }
-#: Old switches whose "off" value becomes a null section: old key -> (section path, value meaning off).
-_SWITCHES = {"registration": ("align", "none"), "init_motion": ("svr", "none"), "init_fit_steps": ("fit", 0),
-             "neighbour_query": ("joint.block_query", "topk"), "nrf": ("joint.residual_field", False),
-             "densify_every": ("joint.densify", 0), "progressive_spacings_mm": ("joint.progressive", ()),
-             "multires_steps": ("joint.multires", 0), "aniso_weight": ("joint.loss.anisotropy", 0.0),
-             "slice_weights": ("slice_weights", False)}
+#: Old switches whose "off" value becomes a null section: old key -> (section path, value meaning off,
+#: the old default, the values the old key allowed (None: any number or list)).
+_SWITCHES = {"registration": ("align", "none", "stack", ("stack", "none")),
+             "init_motion": ("svr", "none", "svr", ("svr", "none")),
+             "init_fit_steps": ("fit", 0, 100, None),
+             "neighbour_query": ("joint.block_query", "topk", "topk", ("topk", "block")),
+             "nrf": ("joint.residual_field", False, False, (True, False)),
+             "densify_every": ("joint.densify", 0, 0, None),
+             "progressive_spacings_mm": ("joint.progressive", (), (), None),
+             "multires_steps": ("joint.multires", 0, 0, None),
+             "aniso_weight": ("joint.loss.anisotropy", 0.0, 0.0, None),
+             "slice_weights": ("slice_weights", False, True, (True, False))}
+#: Switches that only say on or off; the others (a count, a weight, a list) are also a setting of the section.
+_ONLY_SWITCH = {"registration", "init_motion", "neighbour_query", "nrf", "slice_weights"}
 #: Old settings whose 0 meant "automatic" or "never", now null.
 _ZERO_IS_NULL = {"block_mm", "densify_until", "checkpoint_every"}
 
 
 def nest_flat(flat: Mapping[str, Any]) -> dict:
-    """The nested settings equivalent to a flat settings mapping of gsvr 0.1 (migration of old files)."""
+    """The nested settings equivalent to a flat settings mapping of gsvr 0.1 (migration of old files).
+
+    A component is on or off as its old switch says, or as the old default when the switch is absent;
+    the settings of a component that is off are dropped, as gsvr 0.1 ignored them."""
     unknown = sorted(set(flat) - set(FLAT_KEYS))
     if unknown:
         raise GsvrError(f"unknown flat setting(s) {', '.join(unknown)}")
+    on = {}
+    for key, (section, off, default, allowed) in _SWITCHES.items():
+        value = flat.get(key, default)
+        if allowed is not None and (value not in allowed or isinstance(value, bool) != isinstance(allowed[0], bool)):
+            raise GsvrError(f"{key} must be one of {allowed}, got {value!r}")
+        on[section] = not (value == off or (isinstance(off, tuple) and not value))
     out: dict = {}
-    on = {section: not (flat[key] == off or (isinstance(off, tuple) and not flat[key]))
-          for key, (section, off) in _SWITCHES.items() if key in flat}
     for section, enabled in on.items():
-        if not enabled:
-            out = merge(out, {section: None})
+        out = merge(out, {section: {} if enabled else None})
+    if on["joint.progressive"]:
+        out = merge(out, {"joint.progressive.milestones": []})  # gsvr 0.1's default: a fixed grid
     for key, value in flat.items():
-        if key in _SWITCHES and key not in ("init_fit_steps", "densify_every", "progressive_spacings_mm", "multires_steps",
-                                            "aniso_weight"):
-            if on.get(_SWITCHES[key][0]):
-                out = merge(out, {_SWITCHES[key][0]: {}})
+        if key in _ONLY_SWITCH:
             continue
         if key in _ZERO_IS_NULL and value == 0:
             value = None
@@ -96,7 +109,26 @@ def nest_flat(flat: Mapping[str, Any]) -> dict:
             if any(section == s or section.startswith(s + ".") for s, enabled in on.items() if not enabled):
                 continue  # a setting of a component switched off
             out = merge(out, {target: list(value) if isinstance(value, tuple) else value})
-    return out
+    return prune_defaults(out)
+
+
+def prune_defaults(nested: dict) -> dict:
+    """``nested`` without what only restates a default: empty sections that are on by default, and nulls
+    of sections that are off by default."""
+    defaults = ReconConfig().to_dict()
+
+    def walk(values: dict, base: dict | None) -> dict:
+        kept = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                inner = walk(value, base.get(key) if isinstance(base, dict) else None)
+                if inner or not isinstance(base, dict) or base.get(key) is None:
+                    kept[key] = inner
+            elif not (value is None and isinstance(base, dict) and key in base and base[key] is None):
+                kept[key] = value
+        return kept
+
+    return walk(nested, defaults)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,12 +14,19 @@ adds ``<gradient, prediction>`` to each chunk's loss, which back-propagates exac
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from gsvr.errors import GsvrError
 from gsvr.recon.slices import SliceData
+
+if TYPE_CHECKING:
+    from gsvr.model.field import GaussianField
+    from gsvr.recon.config import LossConfig
+    from gsvr.recon.slices import SliceMotion
 
 PIXEL_LOSSES = ("l1", "smooth_l1")
 
@@ -100,9 +107,9 @@ def anisotropy_penalty(log_scales: Tensor, max_ratio: float) -> Tensor:
     return (ratio - max_ratio).clamp_min(0).mean()
 
 
-def regularise(field, motion, cfg) -> float:
+def regularise(field: "GaussianField", motion: "SliceMotion", cfg: "LossConfig") -> float:
     """GSVR's scale regulariser, M-Gaussian's anisotropy penalty and a gauge term pinning the mean slice
-    motion and scale, back-propagated; returns their value. ``cfg``: the ``joint.loss`` section."""
+    motion and scale, back-propagated; returns their value."""
     reg = cfg.scale_reg_weight * (torch.exp(field.log_scales) - cfg.scale_target_mm).square().sum(-1).mean()
     if cfg.anisotropy is not None and cfg.anisotropy.weight > 0:
         reg = reg + cfg.anisotropy.weight * anisotropy_penalty(field.log_scales, cfg.anisotropy.max_ratio)

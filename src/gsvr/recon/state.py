@@ -18,12 +18,12 @@ from gsvr.io.nifti import Stack
 from gsvr.model.field import GaussianField
 from gsvr.model.grid import GaussianGrid
 from gsvr.recon.checkpoint import Checkpointer
-from gsvr.recon.config import ReconConfig
+from gsvr.recon.config import ReconConfig, SliceWeightsConfig
 from gsvr.recon.slices import SliceData, SliceMotion
 from gsvr.recon.svr import SvrState
 from gsvr.recon.volume import SampledVolume
 
-log = logging.getLogger("gsvr.recon")
+log = logging.getLogger(__name__)
 
 #: Columns of the per-step log (``Result.history``, ``--output-log``); ``value`` is the ``measure``.
 HISTORY_COLUMNS = ["step", "stage", "elapsed_s", "value", "measure"]
@@ -119,10 +119,8 @@ def log_peak_memory(after: str) -> None:
     log.info("after %s: peak resident memory %.2f GB", after, peak)
 
 
-def robust_slice_weights(mean_abs_res: Tensor, cfg) -> Tensor:
-    """GSVR public code: z = (r - median) / max(1.4826 MAD, floor); w = exp(-1/2 (max(z, 0) / s)^2).
-
-    ``cfg``: the ``slice_weights`` section (:class:`gsvr.recon.config.SliceWeightsConfig`)."""
+def robust_slice_weights(mean_abs_res: Tensor, cfg: SliceWeightsConfig) -> Tensor:
+    """GSVR public code: z = (r - median) / max(1.4826 MAD, floor); w = exp(-1/2 (max(z, 0) / s)^2)."""
     med = mean_abs_res.median()
     mad = (mean_abs_res - med).abs().median()
     z = (mean_abs_res - med) / torch.clamp(1.4826 * mad, min=cfg.mad_floor)

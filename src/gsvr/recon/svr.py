@@ -71,10 +71,10 @@ class SvrSettings:
             if (not v and not may_be_empty) or any(not isinstance(x, (int, float)) or not x > 0 for x in v):
                 raise GsvrError(f"config: svr.{name} must be a {'' if may_be_empty else 'non-empty '}list of positive "
                                 f"spacings, got {v!r}")
-        for name in ("cg_iterations", "reg_steps", "psf_normal", "psf_inplane", "em_iterations", "chunk_pixels"):
+        for name in ("psf_normal", "psf_inplane", "em_iterations", "chunk_pixels"):
             if getattr(self, name) < 1:
                 raise GsvrError(f"config: svr.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("translation_only_cycles", "lm_damping", "tikhonov", "margin_mm"):
+        for name in ("cg_iterations", "reg_steps", "translation_only_cycles", "lm_damping", "tikhonov", "margin_mm"):
             if getattr(self, name) < 0:
                 raise GsvrError(f"config: svr.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_step_rad", "max_step_mm", "prior_rotation_rad", "prior_translation_mm", "edge_delta"):

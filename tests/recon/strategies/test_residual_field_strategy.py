@@ -40,9 +40,14 @@ def test_finish_bakes_the_residual_into_the_values_only_when_it_was_on():
     assert torch.equal(field.values.detach(), before)
 
 
-def test_its_state_round_trips():
+def test_its_state_round_trips_including_the_extent_it_was_built_for():
+    """A resumed phase rebuilds the strategy around the checkpoint's field, whose extent differs from the one
+    the phase started with: the encoding must stay that of the start."""
     field = _field()
-    a, b = (ResidualFieldStrategy(ResidualFieldConfig(), field, steps=3) for _ in range(2))
+    a = ResidualFieldStrategy(ResidualFieldConfig(), field, steps=3)
+    moved = GaussianField(field.means * 1.5, field.log_scales, field.quats, field.values, mode="exact")
+    b = ResidualFieldStrategy(ResidualFieldConfig(), moved, steps=3)
     torch.nn.init.constant_(a.nrf.head.bias, 0.3)
+    torch.nn.init.normal_(a.nrf.body[0].weight)
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(b.nrf(field.means), a.nrf(field.means))

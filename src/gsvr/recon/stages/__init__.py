@@ -7,10 +7,10 @@ whole). The svr, fit and joint stages write checkpoints; on resume, a stage whos
 stage's superseded is skipped, and the shared state is restored by the slices stage.
 """
 
-from gsvr.recon.stages import align, fit, init, joint, motion, prepare, sample, slices
+from gsvr.recon.stages import align, fit, init, joint, prepare, sample, slices, svr
 
 #: (stage module, the config section it receives), in order.
-PIPELINE = ((prepare, "preprocess"), (align, "align"), (slices, "run"), (motion, "svr"), (init, "init"),
+PIPELINE = ((prepare, "preprocess"), (align, "align"), (slices, "run"), (svr, "svr"), (init, "init"),
             (fit, "fit"), (joint, "joint"), (sample, "output"))
 
 __all__ = ["PIPELINE"]

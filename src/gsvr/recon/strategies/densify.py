@@ -52,4 +52,4 @@ class Densify(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("density"):
-            self.grad, self.count = state["density"]["grad"], state["density"]["count"]
+            self.grad, self.count = state["density"]["grad"].to(self.grad.device), state["density"]["count"]

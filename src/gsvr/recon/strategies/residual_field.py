@@ -38,7 +38,8 @@ class ResidualFieldStrategy(Strategy):
             self.nrf.bake(loop.field.means.detach(), loop.field.values.data)
 
     def state_dict(self) -> dict:
-        return {"nrf": self.nrf.state_dict()}
+        return {"nrf": self.nrf.state_dict(), "nrf_extent_mm": self.nrf.extent_mm}
 
     def load_state_dict(self, state: dict) -> None:
         self.nrf.load_state_dict(state["nrf"])
+        self.nrf.extent_mm = state["nrf_extent_mm"]  # of the field when the phase started, not at the checkpoint
