@@ -29,6 +29,31 @@ def test_unwritable_output_folder_is_reported_before_any_work(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--checkpoint", "{stack}"], "--checkpoint names an input file"),
+    (["--output-log", "{out}"], "given to both --output-volume and --output-log"),
+    (["--checkpoint", "{other}"], "add --resume"),
+])
+def test_outputs_that_would_destroy_a_file_are_refused_before_any_work(tmp_path, capsys, extra, message):
+    stack, other, out = tmp_path / "s.nii.gz", tmp_path / "notes.txt", tmp_path / "o.nii.gz"
+    _stack(stack)
+    other.write_text("keep me")
+    before = stack.read_bytes()
+    extra = [e.format(stack=stack, out=out, other=other) for e in extra]
+    code = main(["reconstruct", "--input-stacks", str(stack), "--output-volume", str(out), "--no-progress", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert stack.read_bytes() == before and other.read_text() == "keep me" and not out.exists()
+
+
+@pytest.mark.parametrize("name, message", [("o.mgz", "must be a NIfTI file name"), ("", "is a folder")])
+def test_an_output_volume_that_is_not_a_nifti_file_name_is_refused_before_any_work(tmp_path, capsys, name, message):
+    _stack(tmp_path / "s.nii.gz")
+    code = main(["reconstruct", "--input-stacks", str(tmp_path / "s.nii.gz"), "--output-volume", str(tmp_path / name),
+                 "--no-progress"])
+    assert code == 2 and message in capsys.readouterr().err
+
+
 def test_mismatched_counts_are_reported(tmp_path, capsys):
     _stack(tmp_path / "s.nii.gz")
     code = main(["reconstruct", "--input-stacks", str(tmp_path / "s.nii.gz"), str(tmp_path / "s.nii.gz"),

@@ -179,9 +179,9 @@ def _sample_volume(args: argparse.Namespace) -> int:
     from gsvr.recon.engine import resolve_device
     from gsvr.recon.volume import load_model, sample_volume
 
-    from gsvr.io.nifti import check_writable
+    from gsvr.io.nifti import check_outputs
 
-    check_writable(args.output_volume)
+    check_outputs({"--output-volume": args.output_volume}, inputs=[args.input_model], nifti=["--output-volume"])
     model = load_model(args.input_model)
     vol = sample_volume(model, resolution_mm=args.output_resolution, device=resolve_device(args.device))
     save_volume(args.output_volume, vol.data, vol.affine)

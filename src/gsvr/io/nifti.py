@@ -185,11 +185,37 @@ def load_stacks(
 
 def check_writable(path: str | os.PathLike) -> None:
     """Fail early (before any work) when ``path`` cannot be written."""
+    if Path(path).is_dir():
+        raise GsvrError(f"{path}: is a folder; give a file name")
     parent = Path(path).parent
     if not parent.is_dir():
         raise GsvrError(f"{path}: output folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise GsvrError(f"{path}: output folder {parent} is not writable")
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None], *, inputs: Sequence[str | os.PathLike] = (),
+                  nifti: Sequence[str] = ()) -> None:
+    """Fail before any work: each output (flag -> path; None: not asked for) must be a writable file path,
+    the ``nifti`` ones named .nii or .nii.gz, no two the same file, and none of them one of the ``inputs``."""
+    given = {flag: Path(p) for flag, p in outputs.items() if p}
+    for flag, path in given.items():
+        check_writable(path)
+        if flag in nifti and not path.name.endswith(NIFTI_SUFFIXES):
+            raise GsvrError(f"{path}: {flag} must be a NIfTI file name ending in .nii or .nii.gz")
+    seen: dict[Path, str] = {}
+    for flag, path in given.items():
+        key = path.resolve()
+        if key in seen:
+            raise GsvrError(f"{path}: given to both {seen[key]} and {flag}; each output needs its own file")
+        seen[key] = flag
+    for source in map(Path, inputs):
+        for flag, path in given.items():
+            if path.resolve() == source.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source)):
+                raise GsvrError(f"{path}: {flag} names an input file; it would be overwritten")
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 from gsvr.baselines.external import PROGRAMS, ExternalSettings, run_external
 from gsvr.errors import GsvrError
 from gsvr.io import load_stacks, save_volume
-from gsvr.io.nifti import atomic_output, check_writable
+from gsvr.io.nifti import atomic_output, check_outputs, check_writable
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import HISTORY_COLUMNS, Result, reconstruct
 from gsvr.recon.volume import save_model
@@ -64,10 +64,12 @@ def reconstruct_files(
         raise GsvrError(f"{output_model}: method {method} has no Gaussian model to save")
     if method != "gsvr" and (checkpoint or resume):
         raise GsvrError(f"method {method} does not write checkpoints (only gsvr does)")
-    if checkpoint:
-        check_writable(checkpoint)
-    for out in filter(None, (output_volume, output_slices_tsv, output_model, output_log)):
-        check_writable(out)
+    check_outputs({"--output-volume": output_volume, "--output-slices-tsv": output_slices_tsv,
+                   "--output-model": output_model, "--output-log": output_log, "--checkpoint": checkpoint},
+                  inputs=[*stacks, *(masks or ())], nifti=["--output-volume"])
+    if checkpoint and not resume and Path(checkpoint).exists():
+        raise GsvrError(f"{checkpoint}: --checkpoint names an existing file; add --resume to continue from it, "
+                        "or remove it")
     extra = {"checkpoint": checkpoint, "resume": resume} if method == "gsvr" else {}
     result = METHODS[method](load_stacks(stacks, masks, thicknesses), config, progress=progress, **extra)
     save_volume(output_volume, result.volume.data, result.volume.affine)
