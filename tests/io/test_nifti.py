@@ -131,3 +131,45 @@ def test_mask_that_cannot_be_matched_is_an_error(tmp_path):
     _write(tmp_path / "m.nii.gz", np.ones((5, 5, 5), np.uint8), far)
     with pytest.raises(GsvrError, match="does not overlap"):
         load_stack(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")
+
+
+def test_a_stack_with_its_slices_along_the_first_axis_is_reoriented_onto_the_same_world_points(tmp_path):
+    aff = _oblique_affine()
+    swapped = aff.copy()
+    swapped[:3, :3] = aff[:3, [2, 0, 1]]  # the 3.3 mm slice axis stored first
+    rng = np.random.default_rng(0)
+    data = rng.random((5, 8, 7)).astype(np.float32)  # [slices, i, j]
+    mask = np.zeros((5, 8, 7), np.uint8)
+    mask[1:4, 2:6, 2:5] = 1
+    _write(tmp_path / "s.nii.gz", data, swapped)
+    _write(tmp_path / "m.nii.gz", mask, swapped)
+    with pytest.warns(UserWarning, match="voxel axis 0"):
+        st = load_stack(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")
+    assert st.data.shape == (8, 7, 5) and st.thickness_mm == pytest.approx(3.3)
+    np.testing.assert_allclose(np.linalg.norm(st.affine[:3, :3], axis=0), [0.8, 0.8, 3.3], atol=1e-5)
+    # Every voxel keeps its intensity and its world position.
+    i, j, k = 3, 4, 2
+    np.testing.assert_allclose(st.affine @ [i, j, k, 1], swapped @ [k, i, j, 1], atol=1e-4)
+    assert st.data[i, j, k] == data[k, i, j] and st.mask[i, j, k] == bool(mask[k, i, j])
+    assert st.mask.sum() == mask.sum()
+
+
+def test_a_probabilistic_mask_is_binarised_at_one_half_with_a_warning(tmp_path):
+    aff = _oblique_affine()
+    _write(tmp_path / "s.nii.gz", np.ones((8, 8, 4), np.float32), aff)
+    prob = np.zeros((8, 8, 4), np.float32)
+    prob[2:6, 2:6, :] = 0.8
+    prob[0:2, :, :] = 0.1  # a faint tail that > 0 would have kept
+    _write(tmp_path / "m.nii.gz", prob, aff)
+    with pytest.warns(UserWarning, match="not binary.*binarised at 0.5"):
+        st = load_stack(tmp_path / "s.nii.gz", tmp_path / "m.nii.gz")
+    assert st.mask.sum() == 4 * 4 * 4
+
+
+def test_an_image_without_orientation_is_loaded_with_a_warning(tmp_path):
+    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    nib.save(img, tmp_path / "n.nii.gz")
+    with pytest.warns(UserWarning, match="no orientation"):
+        load_image(tmp_path / "n.nii.gz")

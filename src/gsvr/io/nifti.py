@@ -86,6 +86,9 @@ def load_image(path: str | os.PathLike, *, what: str = "image") -> tuple[np.ndar
     if not np.isfinite(data).all():
         n_bad = int((~np.isfinite(data)).sum())
         raise GsvrError(f"{path}: {what} has {n_bad} NaN/Inf voxels")
+    if img.get_sform(coded=True)[1] == 0 and img.get_qform(coded=True)[1] == 0:
+        warnings.warn(f"{path}: {what} has no orientation in its header (sform and qform codes are both 0); "
+                      "using the voxel sizes alone, so it may not line up with the other images", stacklevel=2)
     affine = image_affine(img)
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise GsvrError(f"{path}: {what} has a singular voxel-to-world affine")
@@ -119,9 +122,10 @@ def load_stack(
         thickness_mm: slice thickness; None takes the spacing of the third voxel axis.
     """
     data, affine = load_image(stack_path, what="stack")
-    if data.shape[2] < 2:
-        raise GsvrError(f"{stack_path}: stack has {data.shape[2]} slice(s); a stack needs at least 2 slices along its third axis")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    order = slice_axis_order(affine)
+    if data.shape[order[2]] < 2:
+        raise GsvrError(f"{stack_path}: stack has {data.shape[order[2]]} slice(s); a stack needs at least 2 slices")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)[order]
     if thickness_mm is None:
         thickness_mm = float(spacing[2])
     if not np.isfinite(thickness_mm) or thickness_mm <= 0:
@@ -130,10 +134,30 @@ def load_stack(
         mask = np.ones(data.shape, dtype=bool)
     else:
         mask_data, mask_affine = load_image(mask_path, what="mask")
-        mask = match_mask_to_stack(mask_data > 0, mask_affine, data.shape, affine, mask_path=mask_path)
+        fractional = (mask_data > 0) & (mask_data < 1)
+        if fractional.any():
+            warnings.warn(f"{mask_path}: mask is not binary ({int(fractional.sum())} voxels strictly between 0 and 1); "
+                          "binarised at 0.5", stacklevel=2)
+        mask = match_mask_to_stack(mask_data > 0.5, mask_affine, data.shape, affine, mask_path=mask_path)
+    if order != [0, 1, 2]:
+        warnings.warn(f"{stack_path}: its slices lie along voxel axis {order[2]} (the largest spacing, "
+                      f"{spacing[2]:.2f} mm); reoriented so that they are the third axis", stacklevel=2)
+        data, mask = np.transpose(data, order), np.transpose(mask, order)
+        affine = affine.copy()
+        affine[:3, :3] = affine[:3, :3][:, order]
     if not mask.any():
         raise GsvrError(f"{mask_path}: mask is empty (no voxel > 0 on the stack grid of {stack_path})")
     return Stack(data=data, mask=mask, affine=affine, thickness_mm=float(thickness_mm), name=Path(stack_path).name)
+
+
+def slice_axis_order(affine: np.ndarray) -> list[int]:
+    """Voxel axes with the slice axis (the largest spacing, where it is clearly larger than the third
+    axis's) last: [0, 1, 2] for a stack stored as gsvr expects it."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    axis = int(np.argmax(spacing))
+    if axis == 2 or spacing[axis] <= 1.01 * spacing[2]:
+        return [0, 1, 2]
+    return [a for a in range(3) if a != axis] + [axis]
 
 
 def match_mask_to_stack(
