@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 from gsvr.errors import GsvrError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM and other schedulers send before killing a job), raised where the run is."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM unwinds the run like Ctrl-C (temporary outputs removed, the checkpoint kept) instead of
+    killing the process on the spot."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave the signal alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,17 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("always", UserWarning)
     warnings.showwarning = lambda msg, *a, **k: print(f"gsvr: warning: {msg}", file=sys.stderr)
     try:
-        return args.func(args)
+        with _sigterm_raises():
+            return args.func(args)
     except GsvrError as exc:
         if args.debug:
             raise
         print(f"gsvr: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
         ck = getattr(args, "checkpoint", None)
         hint = f"; continue with --resume --checkpoint {ck}" if ck and Path(ck).is_file() else ""
-        print(f"gsvr: interrupted; no output written{hint}", file=sys.stderr)
-        return 130
+        print(f"gsvr: {'terminated (SIGTERM)' if terminated else 'interrupted'}; no output written{hint}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
 
 
 def _parser() -> argparse.ArgumentParser:
