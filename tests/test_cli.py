@@ -159,3 +159,38 @@ def test_sigterm_leaves_the_checkpoint_and_no_output_and_says_how_to_resume(tmp_
     assert ck.exists() and not out.exists() and not list(tmp_path.glob(".*tmp*"))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler does not outlive the command
     assert main([*args, "--resume"]) == 0 and out.exists() and not ck.exists()
+
+
+def _volume(path, affine, value=1.0):
+    data = np.zeros((16, 16, 16), np.float32)
+    data[4:12, 4:12, 4:12] = value + np.random.default_rng(1).random((8, 8, 8))
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("far", "does not overlap"), ("shifted_mask", "mask grid does not overlap"), ("zero", "zero everywhere")])
+def test_evaluate_reads_the_mask_through_world_coordinates_and_refuses_what_does_not_overlap(tmp_path, capsys, case, message):
+    aff = np.diag([1.0, 1.0, 1.0, 1.0])
+    far = aff.copy()
+    far[:3, 3] = 50.0
+    _volume(tmp_path / "ref.nii.gz", aff)
+    _volume(tmp_path / "rec.nii.gz", far if case == "far" else aff, value=0.0 if case == "zero" else 1.0)
+    if case == "zero":
+        nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), aff), tmp_path / "rec.nii.gz")
+    mask = np.zeros((16, 16, 16), np.uint8)
+    mask[4:12, 4:12, 4:12] = 1
+    nib.save(nib.Nifti1Image(mask, far if case == "shifted_mask" else aff), tmp_path / "mask.nii.gz")
+    code = main(["evaluate", "--input-volume", str(tmp_path / "rec.nii.gz"), "--reference", str(tmp_path / "ref.nii.gz"),
+                 "--reference-mask", str(tmp_path / "mask.nii.gz"), "--no-registration"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("flags, message", [(["--noise", "-1"], "noise_level"), (["--thickness", "0"], "thickness_mm"),
+                                            (["--corrupted-fraction", "1.5"], "corrupted_fraction")])
+def test_simulate_refuses_impossible_protocols_before_any_work(tmp_path, capsys, flags, message):
+    _volume(tmp_path / "v.nii.gz", np.eye(4))
+    _volume(tmp_path / "m.nii.gz", np.eye(4))
+    code = main(["simulate", "--input-volume", str(tmp_path / "v.nii.gz"), "--input-mask", str(tmp_path / "m.nii.gz"),
+                 "--output-dir", str(tmp_path / "sim"), *flags])
+    assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "sim").exists()

@@ -235,6 +235,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from gsvr.io.nifti import load_image
     from gsvr.simulate.stacks import SimulationConfig, simulate_stacks, write_simulation
 
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise GsvrError(f"{args.output_dir}: --output-dir is a file, not a folder")
     vol, aff = load_image(args.input_volume, what="volume")
     mask, _ = load_image(args.input_mask, what="mask")
     if mask.shape != vol.shape:

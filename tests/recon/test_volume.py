@@ -73,9 +73,10 @@ def test_the_sampled_volume_does_not_depend_on_the_chunk_size():
     assert np.array_equal(sample_volume(model, resolution_mm=1.0, chunk=37).data, sample_volume(model, resolution_mm=1.0).data)
 
 
-def test_a_non_positive_resolution_is_refused():
-    with pytest.raises(GsvrError, match="resolution must be > 0"):
-        sample_volume(_model(), resolution_mm=0.0)
+@pytest.mark.parametrize("resolution_mm", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_non_positive_or_non_finite_resolution_is_refused(resolution_mm):
+    with pytest.raises(GsvrError, match="resolution must be a finite number > 0"):
+        sample_volume(_model(), resolution_mm=resolution_mm)
 
 
 @pytest.mark.parametrize("resolution_mm,margin_mm", [(1.0, 3.0), (0.8, 0.0), (2.5, 1.2)])

@@ -20,6 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 from skimage.metrics import structural_similarity
 
+from gsvr.errors import GsvrError
+
 
 @dataclass
 class EvaluationResult:
@@ -72,10 +74,19 @@ def align_to_reference(recon: np.ndarray, recon_affine: np.ndarray, gt: np.ndarr
 def evaluate_volume(
     recon: np.ndarray, recon_affine: np.ndarray, gt: np.ndarray, gt_affine: np.ndarray, mask: np.ndarray, *, register: bool = True
 ) -> EvaluationResult:
-    """Apply the protocol above (module docstring)."""
+    """Apply the protocol above (module docstring). ``mask`` lies on the reference's grid."""
     m = mask > 0
+    if m.shape != gt.shape:
+        raise GsvrError(f"reference mask shape {m.shape} differs from the reference's {gt.shape}")
+    if not m.any():
+        raise GsvrError("reference mask is empty")
     fixed = to_sitk(gt, gt_affine)
     moving = to_sitk(recon, recon_affine)
+    unmoved = np.transpose(sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Euler3DTransform(), sitk.sitkLinear,
+                                                                0.0, sitk.sitkFloat32)), (2, 1, 0))
+    if not np.any(unmoved[m] != 0):
+        raise GsvrError("the reconstruction is zero everywhere inside the reference mask (it does not overlap the "
+                        "reference in world space, or it is empty)")
     tx = align_to_reference(recon, recon_affine, gt, gt_affine, m) if register else sitk.Euler3DTransform()
     resampled = sitk.Resample(moving, fixed, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     r = np.transpose(sitk.GetArrayFromImage(resampled), (2, 1, 0)).astype(np.float64)
@@ -122,10 +133,19 @@ def evaluate_files(volume: str | os.PathLike, reference: str | os.PathLike, refe
 
     if output_json is not None:
         check_writable(output_json)
+    from gsvr.io.nifti import match_mask_to_stack
+
     rec, rec_aff = load_image(volume, what="reconstruction")
     gt, gt_aff = load_image(reference, what="reference volume")
-    mask, _ = load_image(reference_mask, what="reference mask")
-    result = evaluate_volume(rec, rec_aff, gt, gt_aff, mask, register=register)
+    mask, mask_aff = load_image(reference_mask, what="reference mask")
+    if not (mask > 0.5).any():
+        raise GsvrError(f"{reference_mask}: reference mask is empty")
+    # Through world coordinates: a mask on another grid is resampled onto the reference's (with a warning).
+    mask = match_mask_to_stack(mask > 0.5, mask_aff, gt.shape, gt_aff, mask_path=reference_mask)
+    try:
+        result = evaluate_volume(rec, rec_aff, gt, gt_aff, mask, register=register)
+    except GsvrError as exc:
+        raise GsvrError(f"{volume}: {exc}") from exc
     if output_json is not None:
         with atomic_output(output_json) as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")

@@ -42,8 +42,8 @@ def sample_volume(model: dict, *, resolution_mm: float, device: torch.device | s
 
     Voxels farther than ``support_radius_mm`` from every in-mask pixel are 0.
     """
-    if resolution_mm <= 0:
-        raise GsvrError(f"output resolution must be > 0 mm, got {resolution_mm}")
+    if not (math.isfinite(resolution_mm) and resolution_mm > 0):
+        raise GsvrError(f"output resolution must be a finite number > 0 mm, got {resolution_mm}")
     field_ = GaussianField.from_state(model["field"], device)
     support = model["support_points"].to(device)
     radius = float(model["support_radius_mm"])

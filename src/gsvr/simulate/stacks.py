@@ -10,8 +10,8 @@ pixel centres (as if drawn on the acquired stacks).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,26 @@ class SimulationConfig:
     n_slices: int | None = None  #: slices per stack, centred on the brain (None: cover the bounding sphere plus margin)
     through_plane_samples: int = 25
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = {"inplane_spacing_mm": self.inplane_spacing_mm, "thickness_mm": self.thickness_mm,
+                    "slice_spacing_mm": self.slice_spacing_mm, "inplane_fov_mm": self.inplane_fov_mm}
+        at_least_zero = {"obliquity_deg": self.obliquity_deg, "stack_rotation_deg": self.stack_rotation_deg,
+                         "motion_rotation_deg": self.motion_rotation_deg, "fov_margin_mm": self.fov_margin_mm,
+                         "motion_translation_mm": self.motion_translation_mm, "noise_level": self.noise_level}
+        for name, value in positive.items():
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise GsvrError(f"simulation: {name} must be a finite number > 0, got {value}")
+        for name, value in at_least_zero.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise GsvrError(f"simulation: {name} must be a finite number >= 0, got {value}")
+        if not 0 <= self.corrupted_fraction <= 1:
+            raise GsvrError(f"simulation: corrupted_fraction must be in [0, 1], got {self.corrupted_fraction}")
+        for name in ("n_stacks", "through_plane_samples"):
+            if getattr(self, name) < 1:
+                raise GsvrError(f"simulation: {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_slices is not None and self.n_slices < 2:
+            raise GsvrError(f"simulation: n_slices must be >= 2 or None, got {self.n_slices}")
 
 
 @dataclass
@@ -182,6 +202,8 @@ def write_simulation(sim: Simulation, out_dir, *, prefix: str = "stack") -> list
     from gsvr.io.nifti import atomic_output, save_mask, save_volume
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GsvrError(f"{out_dir}: output folder is a file")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, st in enumerate(sim.stacks):
