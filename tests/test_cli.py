@@ -194,3 +194,11 @@ def test_simulate_refuses_impossible_protocols_before_any_work(tmp_path, capsys,
     code = main(["simulate", "--input-volume", str(tmp_path / "v.nii.gz"), "--input-mask", str(tmp_path / "m.nii.gz"),
                  "--output-dir", str(tmp_path / "sim"), *flags])
     assert code == 2 and message in capsys.readouterr().err and not (tmp_path / "sim").exists()
+
+
+def test_version_names_the_package_version(capsys):
+    import gsvr
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"gsvr {gsvr.__version__}"

@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from gsvr import __version__
 from gsvr.errors import GsvrError
 
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gsvr", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"gsvr {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("reconstruct", help="reconstruct a volume from motion-corrupted stacks (Gaussian engine)")
