@@ -173,3 +173,8 @@ def test_an_image_without_orientation_is_loaded_with_a_warning(tmp_path):
     nib.save(img, tmp_path / "n.nii.gz")
     with pytest.warns(UserWarning, match="no orientation"):
         load_image(tmp_path / "n.nii.gz")
+
+
+def test_a_folder_given_as_an_image_is_named_as_a_folder(tmp_path):
+    with pytest.raises(GsvrError, match="is a folder, not a NIfTI file"):
+        load_image(tmp_path, what="stack")

@@ -66,6 +66,8 @@ def load_image(path: str | os.PathLike, *, what: str = "image") -> tuple[np.ndar
         GsvrError: missing, unreadable (not NIfTI, truncated), not 3D, or non-finite voxels.
     """
     path = Path(path)
+    if path.is_dir():
+        raise GsvrError(f"{path}: {what} is a folder, not a NIfTI file")
     if not path.is_file():
         raise GsvrError(f"{path}: {what} file does not exist")
     try:
