@@ -202,3 +202,24 @@ def test_version_names_the_package_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"gsvr {gsvr.__version__}"
+
+
+def test_a_failure_on_a_later_output_leaves_no_output_at_all(tmp_path, capsys, monkeypatch):
+    from gsvr.errors import GsvrError
+    from gsvr.recon import files
+
+    stacks = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    for s in stacks:
+        _stack(s)
+    (tmp_path / "cfg.yaml").write_text("init: {n_gaussians: 200}\nsvr: {spacings_mm: [3.0], stack_spacings_mm: []}\n"
+                                       "fit: {steps: 2}\nalign: null\noutput: {resolution_mm: 2.0}\n")
+
+    def disk_full(path, model):
+        raise GsvrError(f"{path}: no space left on device")
+
+    monkeypatch.setattr(files, "save_model", disk_full)
+    outs = {"--output-volume": "o.nii.gz", "--output-slices-tsv": "s.tsv", "--output-log": "l.tsv", "--output-model": "m.pt"}
+    args = [a for flag, name in outs.items() for a in (flag, str(tmp_path / name))]
+    code = main(["reconstruct", "--input-stacks", *map(str, stacks), "--config", str(tmp_path / "cfg.yaml"), "--no-progress", *args])
+    assert code == 2 and "no space left" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in outs.values()) and not list(tmp_path.glob(".*tmp*"))

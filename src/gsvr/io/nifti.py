@@ -265,6 +265,14 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def atomic_outputs(paths: Sequence[str | os.PathLike | None]) -> Iterator[list[Path | None]]:
+    """Temporary paths for several outputs (None stays None), each renamed onto its output only when the
+    whole block completes: a failure while writing any of them leaves none written."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_output(p)) if p else None for p in paths]
+
+
 def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> None:
     """Write a float32 NIfTI with the world affine in both sform and qform (atomic)."""
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.asarray(affine, dtype=np.float64))

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 from gsvr.baselines.external import PROGRAMS, ExternalSettings, run_external
 from gsvr.errors import GsvrError
 from gsvr.io import load_stacks, save_volume
-from gsvr.io.nifti import atomic_output, check_outputs, check_writable
+from gsvr.io.nifti import atomic_output, atomic_outputs, check_outputs, check_writable
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import HISTORY_COLUMNS, Result, reconstruct
 from gsvr.recon.volume import save_model
@@ -57,7 +57,8 @@ def reconstruct_files(
     checkpoint: str | None = None,
     resume: bool = False,
 ) -> Result:
-    """Load stacks, reconstruct with ``method`` ("gsvr" or "svr_classic"), write every requested output (each atomically)."""
+    """Load stacks, reconstruct with ``method`` ("gsvr", "svr_classic" or "stack_average") and write every requested
+    output as one set: a failure while writing any of them leaves none written."""
     if method not in METHODS:
         raise GsvrError(f"unknown method {method!r}; known: {sorted(METHODS)}")
     if method != "gsvr" and output_model:
@@ -72,15 +73,14 @@ def reconstruct_files(
                         "or remove it")
     extra = {"checkpoint": checkpoint, "resume": resume} if method == "gsvr" else {}
     result = METHODS[method](load_stacks(stacks, masks, thicknesses), config, progress=progress, **extra)
-    save_volume(output_volume, result.volume.data, result.volume.affine)
-    if output_slices_tsv:
-        with atomic_output(output_slices_tsv) as tmp:
-            result.slices.to_csv(tmp, sep="\t", index=False, float_format="%.5g")
-    if output_model:
-        save_model(output_model, result.model)
-    if output_log:
-        with atomic_output(output_log) as tmp:
-            result.history.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    with atomic_outputs([output_volume, output_slices_tsv, output_model, output_log]) as (volume, slices, model, log_tsv):
+        save_volume(volume, result.volume.data, result.volume.affine)
+        if slices:
+            result.slices.to_csv(slices, sep="\t", index=False, float_format="%.5g")
+        if model:
+            save_model(model, result.model)
+        if log_tsv:
+            result.history.to_csv(log_tsv, sep="\t", index=False, float_format="%.6g")
     log.info("wrote %s (%s voxels) in %.1f s", output_volume, "x".join(map(str, result.volume.data.shape)), result.elapsed_s)
     return result
 
