@@ -11,6 +11,16 @@ def _stack(path, shape=(12, 12, 6)):
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random(shape).astype(np.float32) + 1, np.diag([1.0, 1.0, 3.0, 1.0])), path)
 
 
+def _small_run(tmp_path, *, svr_cycles: int, fit_steps: int) -> list[str]:
+    """Two tiny stacks and a config that reconstructs them in seconds: the reconstruct arguments for them."""
+    stacks = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    for s in stacks:
+        _stack(s)
+    (tmp_path / "cfg.yaml").write_text(f"init: {{n_gaussians: 200}}\nsvr: {{spacings_mm: {[3.0] * svr_cycles}, stack_spacings_mm: []}}\n"
+                                       f"fit: {{steps: {fit_steps}}}\nalign: null\noutput: {{resolution_mm: 2.0}}\n")
+    return ["reconstruct", "--input-stacks", *map(str, stacks), "--config", str(tmp_path / "cfg.yaml"), "--no-progress"]
+
+
 def test_bad_input_exits_nonzero_with_one_line_naming_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.nii.gz"
     bad.write_text("not an image")
@@ -137,14 +147,8 @@ def test_sigterm_leaves_the_checkpoint_and_no_output_and_says_how_to_resume(tmp_
 
     from gsvr.recon import checkpoint as ckmod
 
-    stacks = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
-    for s in stacks:
-        _stack(s)
-    (tmp_path / "cfg.yaml").write_text("init: {n_gaussians: 200}\nsvr: {spacings_mm: [3.0, 3.0], stack_spacings_mm: []}\n"
-                                       "fit: {steps: 4}\nalign: null\noutput: {resolution_mm: 2.0}\n")
     out, ck = tmp_path / "o.nii.gz", tmp_path / "run.ckpt"
-    args = ["reconstruct", "--input-stacks", *map(str, stacks), "--output-volume", str(out), "--checkpoint", str(ck),
-            "--config", str(tmp_path / "cfg.yaml"), "--no-progress"]
+    args = [*_small_run(tmp_path, svr_cycles=2, fit_steps=4), "--output-volume", str(out), "--checkpoint", str(ck)]
     save = ckmod.Checkpointer.save
 
     def save_then_sigterm(self, *a, **k):
@@ -208,11 +212,6 @@ def test_a_failure_on_a_later_output_leaves_no_output_at_all(tmp_path, capsys, m
     from gsvr.errors import GsvrError
     from gsvr.recon import files
 
-    stacks = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
-    for s in stacks:
-        _stack(s)
-    (tmp_path / "cfg.yaml").write_text("init: {n_gaussians: 200}\nsvr: {spacings_mm: [3.0], stack_spacings_mm: []}\n"
-                                       "fit: {steps: 2}\nalign: null\noutput: {resolution_mm: 2.0}\n")
 
     def disk_full(path, model):
         raise GsvrError(f"{path}: no space left on device")
@@ -220,6 +219,6 @@ def test_a_failure_on_a_later_output_leaves_no_output_at_all(tmp_path, capsys, m
     monkeypatch.setattr(files, "save_model", disk_full)
     outs = {"--output-volume": "o.nii.gz", "--output-slices-tsv": "s.tsv", "--output-log": "l.tsv", "--output-model": "m.pt"}
     args = [a for flag, name in outs.items() for a in (flag, str(tmp_path / name))]
-    code = main(["reconstruct", "--input-stacks", *map(str, stacks), "--config", str(tmp_path / "cfg.yaml"), "--no-progress", *args])
+    code = main([*_small_run(tmp_path, svr_cycles=1, fit_steps=2), *args])
     assert code == 2 and "no space left" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in outs.values()) and not list(tmp_path.glob(".*tmp*"))

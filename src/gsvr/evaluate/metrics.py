@@ -133,15 +133,14 @@ def evaluate_files(volume: str | os.PathLike, reference: str | os.PathLike, refe
 
     if output_json is not None:
         check_writable(output_json)
-    from gsvr.io.nifti import match_mask_to_stack
+    from gsvr.io.nifti import load_mask
 
     rec, rec_aff = load_image(volume, what="reconstruction")
     gt, gt_aff = load_image(reference, what="reference volume")
-    mask, mask_aff = load_image(reference_mask, what="reference mask")
-    if not (mask > 0.5).any():
-        raise GsvrError(f"{reference_mask}: reference mask is empty")
     # Through world coordinates: a mask on another grid is resampled onto the reference's (with a warning).
-    mask = match_mask_to_stack(mask > 0.5, mask_aff, gt.shape, gt_aff, mask_path=reference_mask)
+    mask = load_mask(reference_mask, gt.shape, gt_aff, what="reference mask")
+    if not mask.any():
+        raise GsvrError(f"{reference_mask}: reference mask is empty")
     try:
         result = evaluate_volume(rec, rec_aff, gt, gt_aff, mask, register=register)
     except GsvrError as exc:

@@ -135,12 +135,7 @@ def load_stack(
     if mask_path is None:
         mask = np.ones(data.shape, dtype=bool)
     else:
-        mask_data, mask_affine = load_image(mask_path, what="mask")
-        fractional = (mask_data > 0) & (mask_data < 1)
-        if fractional.any():
-            warnings.warn(f"{mask_path}: mask is not binary ({int(fractional.sum())} voxels strictly between 0 and 1); "
-                          "binarised at 0.5", stacklevel=2)
-        mask = match_mask_to_stack(mask_data > 0.5, mask_affine, data.shape, affine, mask_path=mask_path)
+        mask = load_mask(mask_path, data.shape, affine)
     if order != [0, 1, 2]:
         warnings.warn(f"{stack_path}: its slices lie along voxel axis {order[2]} (the largest spacing, "
                       f"{spacing[2]:.2f} mm); reoriented so that they are the third axis", stacklevel=2)
@@ -150,6 +145,18 @@ def load_stack(
     if not mask.any():
         raise GsvrError(f"{mask_path}: mask is empty (no voxel > 0 on the stack grid of {stack_path})")
     return Stack(data=data, mask=mask, affine=affine, thickness_mm=float(thickness_mm), name=Path(stack_path).name)
+
+
+def load_mask(path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray, *, what: str = "mask") -> np.ndarray:
+    """A mask file as a boolean array on the grid (``shape``, ``affine``) of its image: binarised at 0.5 (with a
+    warning when it holds values strictly between 0 and 1), through world coordinates when its grid differs
+    (see :func:`match_mask_to_stack`)."""
+    data, mask_affine = load_image(path, what=what)
+    fractional = (data > 0) & (data < 1)
+    if fractional.any():
+        warnings.warn(f"{path}: {what} is not binary ({int(fractional.sum())} voxels strictly between 0 and 1); "
+                      "binarised at 0.5", stacklevel=3)
+    return match_mask_to_stack(data > 0.5, mask_affine, shape, affine, mask_path=path)
 
 
 def slice_axis_order(affine: np.ndarray) -> list[int]:
