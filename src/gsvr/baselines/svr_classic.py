@@ -13,10 +13,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from gsvr.io.nifti import Stack
 from gsvr.ops.voxel import VoxelGrid
+from gsvr.progress import progress_bar
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import HISTORY_COLUMNS, STAGE_MEASURES, Result, deterministic, prepare_stacks, resolve_device
 from gsvr.recon.state import slice_table, slice_weight_fn, support_radius
@@ -45,7 +45,7 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Resul
     settings = cfg.svr or SvrSettings()
     weight_fn = slice_weight_fn(cfg)
     n_cycles = settings.n_cycles(len(stacks)) if cfg.motion else 0
-    with tqdm(total=n_cycles + 1, desc="svr", unit="cycle", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(n_cycles + 1, desc="svr", unit="cycle", progress=progress) as bar:
         history: list[tuple] = []
 
         def tick(cycle: int, ncc: float) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from typing import Sequence
 
 import torch
@@ -12,6 +14,8 @@ from gsvr.recon.checkpoint import Checkpointer
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.stages import PIPELINE, align, prepare
 from gsvr.recon.state import HISTORY_COLUMNS, STAGE_MEASURES, ReconState, Result, resolve_device
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HISTORY_COLUMNS", "STAGE_MEASURES", "Result", "deterministic", "prepare_stacks", "reconstruct", "resolve_device"]
 
@@ -33,7 +37,9 @@ def reconstruct(stacks: Sequence[Stack], config: ReconConfig | None = None, *, p
     with deterministic():
         state = ReconState(cfg=cfg, ck=ck, stacks=list(stacks), progress=progress, device=resolve_device(cfg.run.device))
         for stage, section in PIPELINE:
+            t0 = time.perf_counter()
             state = stage.run(state, getattr(cfg, section))
+            log.info("stage %s done in %.1f s", stage.NAME, time.perf_counter() - t0)
     ck.finish()
     return state.result
 

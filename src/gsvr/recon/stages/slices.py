@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
 
+from gsvr.progress import progress_bar
 from gsvr.recon.checkpoint import fingerprint
 from gsvr.recon.config import ReconConfig, RunConfig
 from gsvr.recon.slices import SliceMotion, build_slice_data
@@ -28,8 +28,7 @@ def run(state: ReconState, cfg: RunConfig) -> ReconState:
              data.n_pixels, min(full.init.n_gaussians, data.n_pixels), full.model.k_neighbors, state.device)
     state.motion = SliceMotion(data.n_slices, state.device)
     state.weights = torch.ones(data.n_slices, device=state.device)
-    state.bar = tqdm(total=total_steps(full, len(stacks)), desc="gsvr", unit="it", disable=not state.progress,
-                     dynamic_ncols=True)
+    state.bar = progress_bar(total_steps(full, len(stacks)), desc="gsvr", unit="it", progress=state.progress)
     loaded = ck.loaded
     if loaded is not None:  # every checkpoint carries the state shared by all stages
         state.motion.load_state_dict(loaded["motion"])
