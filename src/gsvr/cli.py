@@ -39,13 +39,17 @@ def _sigterm_raises():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gsvr.progress import logging_beside_bars
+
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.command_line = ["gsvr", *argv]  # recorded in the provenance sidecar
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="gsvr: %(message)s")
     warnings.simplefilter("always", UserWarning)
     warnings.showwarning = lambda msg, *a, **k: print(f"gsvr: warning: {msg}", file=sys.stderr)
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(), logging_beside_bars():
             return args.func(args)
     except GsvrError as exc:
         if args.debug:
@@ -146,26 +150,33 @@ def _add_input_flags(r: argparse.ArgumentParser) -> None:
     r.add_argument("--stack-masks", nargs="+", metavar="NII", help="one brain mask per stack")
     r.add_argument("--thicknesses", nargs="+", type=float, metavar="MM", help="slice thickness per stack (default: slice spacing)")
     r.add_argument("--output-resolution", type=float, metavar="MM", help="isotropic output voxel size (default 0.8)")
-    r.add_argument("--config", metavar="YAML", help="reconstruction settings (see config/recon_default.yaml)")
+    r.add_argument("--config", metavar="YAML", help="reconstruction settings (see config/recon_default.yaml), or the "
+                   "provenance sidecar of an earlier run (its volume's .json) to repeat that run's settings")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"))
     r.add_argument("--align", "--registration", dest="align", choices=("stack", "none"),
                    help="rigid stack-to-stack alignment with a multi-start over rotations before SVR (default: stack; "
                         "none keeps the header geometry); the config's align section")
     r.add_argument("--seed", type=int)
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress report (default: a bar on a terminal, "
+                   "else a log line every 10 s)")
 
 
 def _add_reconstruction_flags(r: argparse.ArgumentParser) -> None:
     _add_input_flags(r)
-    r.add_argument("--output-volume", required=True, metavar="NII")
+    r.add_argument("--output-volume", required=True, metavar="NII",
+                   help="the volume; its provenance sidecar (settings, input hashes, versions, time, memory) is written "
+                   "beside it, NAME.nii.gz -> NAME.json")
     r.add_argument("--output-slices-tsv", metavar="TSV", help="per-slice motion, intensity scale and weight")
     r.add_argument("--output-log", metavar="TSV", help="per-step log: stage, elapsed time and the stage's fit measure")
 
 
 def _recon_config(args: argparse.Namespace):
+    from gsvr.provenance import read_settings
     from gsvr.recon.config import ReconConfig
 
-    cfg = ReconConfig.from_yaml(args.config) if args.config else ReconConfig()
+    # A YAML file of settings, or a provenance sidecar (its settings member)
+    cfg = ReconConfig.from_dict(read_settings(args.config, method=args.method), source=args.config) if args.config \
+        else ReconConfig()
     flags = {"output.resolution_mm": args.output_resolution, "run.device": args.device, "run.seed": args.seed}
     changes = {k: v for k, v in flags.items() if v is not None}
     if args.align == "none":
@@ -189,7 +200,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         args.input_stacks, args.stack_masks, args.thicknesses, _recon_config(args),
         output_volume=args.output_volume, output_slices_tsv=args.output_slices_tsv, output_model=args.output_model,
         output_log=args.output_log, progress=not args.no_progress, method=args.method,
-        checkpoint=args.checkpoint, resume=args.resume,
+        checkpoint=args.checkpoint, resume=args.resume, command=args.command_line, source="command line",
     )
     return 0
 
@@ -232,8 +243,6 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import nibabel as nib  # noqa: F401  (clear import error early)
-
     from gsvr.io.nifti import load_image
     from gsvr.simulate.stacks import SimulationConfig, simulate_stacks, write_simulation
 

@@ -9,6 +9,7 @@ rule reconstruct:
         unpack(preprocessed),
     output:
         volume="results/{subject}/{method}/volume.nii.gz",
+        sidecar="results/{subject}/{method}/volume.json",  # provenance: resolved settings, input hashes, versions
         slices="results/{subject}/{method}/slices.tsv",
         log_tsv="results/{subject}/{method}/iterations.tsv",
     params:

@@ -3,7 +3,8 @@ import logging
 from gsvr.recon.files import run_method_files
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO)
-# stacks: files with their masks (simulated subject), or a folder holding both (acquired subject)
+# stacks: files with their masks (simulated subject), or a folder holding both (acquired subject); the volume's
+# provenance sidecar (snakemake.output.sidecar) is written beside it
 run_method_files(
     snakemake.params.cfg, snakemake.input.stacks, snakemake.input.get("masks"), snakemake.params.thicknesses,
     output_volume=snakemake.output.volume, output_slices_tsv=snakemake.output.slices,

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from gsvr.baselines.external import PROGRAMS, ExternalSettings, run_external
 from gsvr.errors import GsvrError
 from gsvr.io import load_stacks, save_volume
-from gsvr.io.nifti import atomic_output, atomic_outputs, check_outputs, check_writable
+from gsvr.io.nifti import atomic_outputs, check_outputs, check_writable
+from gsvr.progress import Progress
+from gsvr.provenance import Run, sidecar_path, write_sidecar
 from gsvr.recon.config import ReconConfig
-from gsvr.recon.engine import HISTORY_COLUMNS, Result, reconstruct
+from gsvr.recon.engine import HISTORY_COLUMNS, Result, reconstruct, resolve_device
 from gsvr.recon.volume import save_model
 
 log = logging.getLogger("gsvr")
@@ -52,29 +55,45 @@ def reconstruct_files(
     output_slices_tsv: str | None = None,
     output_model: str | None = None,
     output_log: str | None = None,
-    progress: bool = True,
+    progress: Progress = True,
     method: str = "gsvr",
     checkpoint: str | None = None,
     resume: bool = False,
+    command: Sequence[str] | None = None,
+    source: str | None = None,
 ) -> Result:
     """Load stacks, reconstruct with ``method`` ("gsvr", "svr_classic" or "stack_average") and write every requested
-    output as one set: a failure while writing any of them leaves none written."""
+    output as one set: a failure while writing any of them leaves none written.
+
+    The volume's provenance sidecar (:mod:`gsvr.provenance`: ``volume.nii.gz`` -> ``volume.json``) is always
+    written, in the same set; it records ``command`` (default ``sys.argv``) and ``source`` (where the
+    settings came from). ``progress``: see :mod:`gsvr.progress`.
+    """
     if method not in METHODS:
         raise GsvrError(f"unknown method {method!r}; known: {sorted(METHODS)}")
     if method != "gsvr" and output_model:
         raise GsvrError(f"{output_model}: method {method} has no Gaussian model to save")
     if method != "gsvr" and (checkpoint or resume):
         raise GsvrError(f"method {method} does not write checkpoints (only gsvr does)")
-    check_outputs({"--output-volume": output_volume, "--output-slices-tsv": output_slices_tsv,
-                   "--output-model": output_model, "--output-log": output_log, "--checkpoint": checkpoint},
-                  inputs=[*stacks, *(masks or ())], nifti=["--output-volume"])
+    sidecar = sidecar_path(output_volume)
+    check_outputs({"--output-volume": output_volume, "the sidecar of --output-volume": sidecar,
+                   "--output-slices-tsv": output_slices_tsv, "--output-model": output_model, "--output-log": output_log,
+                   "--checkpoint": checkpoint}, inputs=[*stacks, *(masks or ())], nifti=["--output-volume"])
     if checkpoint and not resume and Path(checkpoint).exists():
         raise GsvrError(f"{checkpoint}: --checkpoint names an existing file; add --resume to continue from it, "
                         "or remove it")
+    t_start = time.perf_counter()
+    loaded = load_stacks(stacks, masks, thicknesses)
+    device = str(resolve_device(config.run.device)) if method in CUDA_ENGINES else "cpu"
+    run = Run(method=method, settings=config, stacks=stacks, masks=masks, thicknesses_mm=[s.thickness_mm for s in loaded],
+              device=device, wall_s=0.0, command=command, source=source)
     extra = {"checkpoint": checkpoint, "resume": resume} if method == "gsvr" else {}
-    result = METHODS[method](load_stacks(stacks, masks, thicknesses), config, progress=progress, **extra)
-    with atomic_outputs([output_volume, output_slices_tsv, output_model, output_log]) as (volume, slices, model, log_tsv):
+    result = METHODS[method](loaded, config, progress=progress, **extra)
+    run.wall_s = time.perf_counter() - t_start
+    outputs = [output_volume, sidecar, output_slices_tsv, output_model, output_log]
+    with atomic_outputs(outputs) as (volume, provenance, slices, model, log_tsv):
         save_volume(volume, result.volume.data, result.volume.affine)
+        write_sidecar(provenance, run.record())
         if slices:
             result.slices.to_csv(slices, sep="\t", index=False, float_format="%.5g")
         if model:
@@ -128,6 +147,24 @@ def check_methods(methods: Mapping[str, Mapping[str, Any] | None], *, source: st
     return checked
 
 
+#: gsvr's own engines that run where ``run.device`` says (``stack_average`` resamples with SimpleITK on the CPU
+#: whatever it says).
+CUDA_ENGINES = ("gsvr", "svr_classic")
+#: External tools that run on a GPU: NeSVoR (GPU 0 unless told otherwise); SVRTK and NiftyMIC run on CPUs.
+CUDA_TOOLS = ("nesvor",)
+
+
+def uses_cuda(engine: str, settings: ReconConfig | ExternalSettings, *, cuda_available: bool) -> bool:
+    """Whether a run of the method (as :func:`check_method_settings` returns it) uses a CUDA device:
+    ``run.device: cuda``, or ``auto`` where ``cuda_available``, for the engines of :data:`CUDA_ENGINES`;
+    the tools of :data:`CUDA_TOOLS`."""
+    if isinstance(settings, ExternalSettings):
+        return settings.tool in CUDA_TOOLS
+    if engine not in CUDA_ENGINES:
+        return False
+    return settings.run.device == "cuda" or (settings.run.device == "auto" and cuda_available)
+
+
 def _stack_paths(stacks: Sequence[str] | str | os.PathLike, masks: Sequence[str] | None
                  ) -> tuple[list[str], list[str] | None]:
     """Stack and mask paths; ``stacks`` may be a folder of preprocessed ``stack<k>.nii.gz`` with their
@@ -153,10 +190,10 @@ def run_method_files(
     output_slices_tsv: str,
     output_log: str,
     source: str = "method",
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Result | None:
     """Reconstruct with one method (settings as :func:`check_method_settings` takes them) and write its
-    volume, per-slice table and per-step log (each atomically).
+    volume, provenance sidecar, per-slice table and per-step log as one set.
 
     ``stacks`` is a list of files or a folder of preprocessed stacks (with their masks; ``masks`` None).
     gsvr's engines go through :func:`reconstruct_files` (returns its :class:`Result`); an external tool
@@ -168,17 +205,22 @@ def run_method_files(
     if isinstance(parsed, ReconConfig):
         return reconstruct_files(stacks, masks, thicknesses, parsed, output_volume=output_volume,
                                  output_slices_tsv=output_slices_tsv, output_log=output_log, progress=progress,
-                                 method=engine)
+                                 method=engine, source=source)
     import pandas as pd
 
     if masks is None:
         raise GsvrError(f"{source}: {engine} needs a brain mask per stack")
-    for out in (output_volume, output_slices_tsv, output_log):
+    sidecar = sidecar_path(output_volume)
+    for out in (output_volume, sidecar, output_slices_tsv, output_log):
         check_writable(out)
-    run_external(parsed, stacks, masks, thicknesses, output_volume)
-    for columns, path in ((["stack", "slice_index"], output_slices_tsv), (HISTORY_COLUMNS, output_log)):
-        with atomic_output(path) as tmp:
-            pd.DataFrame(columns=columns).to_csv(tmp, sep="\t", index=False)
+    outputs = [output_volume, sidecar, output_slices_tsv, output_log]
+    with atomic_outputs(outputs) as (volume, provenance, slices, log_tsv):
+        elapsed = run_external(parsed, stacks, masks, thicknesses, str(volume))
+        run = Run(method=engine, settings=parsed, stacks=stacks, masks=masks, thicknesses_mm=thicknesses, wall_s=elapsed,
+                  device="cuda" if uses_cuda(engine, parsed, cuda_available=True) else "cpu", source=source)
+        write_sidecar(provenance, run.record())
+        for columns, path in ((["stack", "slice_index"], slices), (HISTORY_COLUMNS, log_tsv)):
+            pd.DataFrame(columns=columns).to_csv(path, sep="\t", index=False)
     return None
 
 
@@ -190,7 +232,7 @@ def assess_method_files(
     *,
     output_tsv: str,
     source: str = "method",
-    progress: bool = False,
+    progress: Progress = False,
 ):
     """Leave-one-stack-out assessment (:func:`gsvr.evaluate.assess.assess_files`) of one of gsvr's own
     methods (settings as :func:`check_method_settings` takes them; external tools are refused);
@@ -204,5 +246,5 @@ def assess_method_files(
     return assess_files(stacks, masks, thicknesses, parsed, method=engine, output_tsv=output_tsv, progress=progress)
 
 
-__all__ = ["DEFAULT_ENGINE", "METHODS", "assess_method_files", "check_method_settings", "check_methods",
-           "reconstruct_files", "run_method_files"]
+__all__ = ["CUDA_ENGINES", "CUDA_TOOLS", "DEFAULT_ENGINE", "METHODS", "assess_method_files", "check_method_settings",
+           "check_methods", "reconstruct_files", "run_method_files", "uses_cuda"]
