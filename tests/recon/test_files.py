@@ -1,6 +1,7 @@
 """Methods on files (gsvr.recon.files): settings checks, dispatch between gsvr's engines and external
 tools, and the outputs each writes. No real reconstruction: stack_average and a fake external tool."""
 
+import json
 import sys
 import textwrap
 
@@ -13,7 +14,8 @@ from gsvr.baselines.external import ExternalSettings
 from gsvr.errors import GsvrError
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import HISTORY_COLUMNS
-from gsvr.recon.files import assess_method_files, check_method_settings, check_methods, run_method_files
+from gsvr.recon.files import (MEMORY_MIN_MB, assess_method_files, auto_means_cuda, check_method_settings, check_methods,
+                              memory_mb, run_method_files, runtime_min, stack_voxels, uses_cuda)
 
 
 def _write_stacks(folder, n=3, names=None):
@@ -132,3 +134,62 @@ def test_a_folder_of_stacks_takes_no_separate_masks_and_assessment_refuses_exter
     with pytest.raises(GsvrError, match=r"^config methods\.n: .*gsvr's own methods"):
         assess_method_files({"engine": "nesvor"}, stacks, masks, None, output_tsv=str(tmp_path / "a.tsv"),
                             source="config methods.n")
+
+
+@pytest.mark.parametrize("settings, auto_cuda, cuda", [
+    ({"run": {"device": "cpu"}}, True, False), ({"run": {"device": "cuda"}}, False, True),
+    ({}, True, True), ({}, False, False),
+    ({"engine": "svr_classic", "run": {"device": "cuda"}}, False, True), ({"engine": "svr_classic"}, True, True),
+    ({"engine": "stack_average", "run": {"device": "cuda"}}, True, False),
+    ({"engine": "nesvor"}, False, True), ({"engine": "svrtk"}, True, False), ({"engine": "niftymic"}, True, False)])
+def test_a_method_uses_cuda_when_its_device_says_so_and_its_engine_can(settings, auto_cuda, cuda):
+    assert uses_cuda(*check_method_settings(settings, "m"), cuda_available=auto_cuda) is cuda
+
+
+def test_auto_device_is_cuda_cpu_or_what_torch_detects(monkeypatch):
+    import torch
+
+    assert auto_means_cuda("cuda") and not auto_means_cuda("cpu")
+    for seen in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: seen)
+        assert auto_means_cuda("detect") is seen
+    with pytest.raises(GsvrError, match="auto_device"):
+        auto_means_cuda("gpu")
+
+
+def test_memory_and_runtime_requests_follow_the_measured_figures(tmp_path):
+    stacks, _ = _write_stacks(tmp_path / "pre_acquired")
+    assert stack_voxels(stacks) == stack_voxels(str(tmp_path / "pre_acquired")) == 3 * 20 * 20 * 8
+    gsvr = check_method_settings({}, "m")
+    assert memory_mb(*gsvr, stacks, cuda=False) == MEMORY_MIN_MB  # 10k voxels: the floor
+    assert memory_mb(*gsvr, stacks, cuda=True) == 3500  # 1.5 * (700 + 3) + 2000, rounded up to 500
+    assert memory_mb(*check_method_settings({"engine": "stack_average"}, "m"), stacks, cuda=False) == MEMORY_MIN_MB
+    assert memory_mb(*check_method_settings({"engine": "nesvor"}, "m"), stacks, cuda=True) == 16000
+    with pytest.raises(FileNotFoundError) as missing:  # what Snakemake shows as <TBD> before the stacks exist
+        memory_mb(*gsvr, [str(tmp_path / "nope.nii.gz")], cuda=False)
+    assert missing.value.filename == str(tmp_path / "nope.nii.gz")
+    assert runtime_min(*gsvr) == 30 and runtime_min(*gsvr, runs=3) == 90
+    assert runtime_min(*check_method_settings({"joint": {"steps": 150}}, "m")) == 105
+    assert runtime_min(*check_method_settings({"engine": "stack_average"}, "m")) == 10
+
+
+def test_run_method_files_writes_a_sidecar_on_the_planned_device(tmp_path):
+    stacks, masks = _write_stacks(tmp_path / "in")
+    out = _outputs(tmp_path)
+    run_method_files({"engine": "stack_average", "run": {"device": "auto"}}, stacks, masks, None, device="cpu",
+                     source="config methods.sa", **out)
+    record = json.loads((tmp_path / "out" / "volume.json").read_text())
+    assert record["method"] == "stack_average" and record["source"] == "config methods.sa" and record["device"] == "cpu"
+    assert record["settings"]["run"]["device"] == "cpu"  # the planned device replaced auto
+    assert [i["thickness_mm"] for i in record["inputs"]] == [4.0] * 3  # each stack's slice spacing
+    assert [i["mask"] for i in record["inputs"]] == masks
+
+
+def test_an_external_tool_gets_a_sidecar_too(tmp_path):
+    stacks, masks = _write_stacks(tmp_path / "in")
+    settings, _ = _fake_tool(tmp_path)
+    out = _outputs(tmp_path)
+    run_method_files(settings, stacks, masks, [4.0] * 3, **out)
+    record = json.loads((tmp_path / "out" / "volume.json").read_text())
+    assert record["method"] == "nesvor" and record["settings"]["tool"] == "nesvor" and record["device"] == "cuda"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["iterations.tsv", "slices.tsv", "volume.json", "volume.nii.gz"]

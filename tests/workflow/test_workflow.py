@@ -30,15 +30,37 @@ def test_config_with_unknown_key_is_rejected(tmp_path):
     assert "unknown_knob" in res.stderr + res.stdout
 
 
-def test_slurm_profile_plans_the_reconstructions_with_one_gpu():
-    res = _snakemake("-n", "--nolock", "--forceall", "--profile", "workflow/profiles/slurm")
+def _planned_resources(stdout):
+    """{(rule, method): resources line} of a dry run's jobs."""
+    jobs = {}
+    for block in stdout.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0]
+        method = re.search(r"method=([\w-]+)", block)
+        jobs[(rule, method.group(1) if method else None)] = re.search(r"resources: (.*)", block).group(1)
+    return jobs
+
+
+@pytest.mark.parametrize("auto_device", ["cpu", "cuda", "detect"])
+def test_slurm_profile_gives_a_gpu_exactly_to_the_jobs_that_run_on_cuda(tmp_path, auto_device):
+    import torch
+
+    methods = tmp_path / "methods.yaml"
+    methods.write_text(f"auto_device: {auto_device}\nmethods:\n  on_cpu: {{run: {{device: cpu}}}}\n"
+                       "  on_cuda: {run: {device: cuda}}\n  classic_cuda: {engine: svr_classic, run: {device: cuda}}\n"
+                       "  floor_cuda: {engine: stack_average, run: {device: cuda}}\n")
+    res = _snakemake("-n", "--nolock", "--forceall", "--profile", "workflow/profiles/slurm", "--configfile", str(methods))
     assert res.returncode == 0, res.stderr + res.stdout
-    blocks = res.stdout.split("\nrule ")
-    recon = [b for b in blocks if b.startswith("reconstruct:")]
-    others = [b for b in blocks if b.startswith(("evaluate:", "aggregate:"))]
-    assert recon and others
-    assert all("gpu=1" in b for b in recon)
-    assert not any("gpu=1" in b for b in others)
+    jobs = _planned_resources(res.stdout)
+    auto = {"cpu": False, "cuda": True, "detect": torch.cuda.is_available()}[auto_device]  # what the planner sees
+    expected = {"on_cpu": False, "on_cuda": True, "classic_cuda": True, "floor_cuda": False, "stack_average": False,
+                "gsvr": auto, "gsvr_nomotion": auto, "svr_classic": auto}  # the last three: run.device auto
+    recon = {method: "gpu=1" in line for (rule, method), line in jobs.items() if rule == "reconstruct"}
+    assert recon == expected
+    assert not any("gpu" in line for (rule, _), line in jobs.items() if rule != "reconstruct")
+    assert not any("gpu=0" in line for line in jobs.values())  # a CPU job has no gpu resource at all
+    # The profile leaves sizing to the rules: memory from the stacks (known once they exist), time per method.
+    assert "runtime=10" in jobs[("reconstruct", "stack_average")] and "mem_mb=2000" in jobs[("reconstruct", "stack_average")]
+    assert "runtime=105" in jobs[("reconstruct", "gsvr_nomotion")] and "mem_mb=<TBD>" in jobs[("reconstruct", "gsvr")]
 
 
 def test_ablation_config_plans_every_row_of_gsvr_table_2():
@@ -176,6 +198,20 @@ def test_tiny_end_to_end_run_fills_the_tables_and_a_second_run_does_nothing(tmp_
     for f in ("results/acq/gsvr/volume.nii.gz", "results/acq/svr_classic/slices.tsv", "results/tables/quality.md",
               "results/tables/assess.md", "results/figures/tiny_triplanar.png", "results/figures/tiny_convergence.png"):
         assert (tmp_path / f).is_file(), f
+    # Logs an operator can read: a line per stage and a progress line every ~10 s at most, no bar updates.
+    logs = sorted(tmp_path.glob("logs/*/*/reconstruct.log"))
+    assert len(logs) == 6
+    for log in logs:
+        assert len(log.read_text().replace("\r", "\n").splitlines()) <= 50, log
+    assert "stage svr done in" in (tmp_path / "logs/tiny/gsvr/reconstruct.log").read_text()
+    # Provenance: the resolved settings beside each result, a config gsvr reconstruct accepts.
+    import torch
+
+    from gsvr.provenance import read_settings
+    from gsvr.recon.config import ReconConfig
+
+    settings = ReconConfig.from_dict(read_settings(tmp_path / "results/tiny/gsvr/volume.json", method="gsvr"))
+    assert settings.init.n_gaussians == 4000 and settings.run.device == ("cuda" if torch.cuda.is_available() else "cpu")
     again = _snakemake(*args, "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
 

@@ -9,7 +9,7 @@ from snakemake.utils import validate
 # (Snakemake removes PYTHONPATH from conda jobs' environment, so exporting it would not reach them.)
 try:
     from gsvr.baselines.external import PROGRAMS, ExternalSettings, availability
-    from gsvr.recon.files import check_methods
+    from gsvr.recon.files import auto_means_cuda, check_methods, memory_mb, runtime_min, uses_cuda
 except ModuleNotFoundError as _exc:
     if _exc.name != "gsvr":
         raise
@@ -40,6 +40,9 @@ ACQUIRED = (_read_sheet(_acquired_sheet, "../schemas/acquired.schema.yaml") if _
 # Every method's settings (engine and the engine's settings) are checked now, when Snakemake parses
 # the workflow: a typo fails `snakemake -n` with a message naming methods.<name>, before any job runs.
 METHOD_SETTINGS = check_methods(config["methods"])  # name -> (engine, parsed settings)
+# Whether run.device: auto means CUDA for the jobs (they ask for a GPU then): auto_device, where "detect"
+# asks torch in this process, i.e. on the host that plans the jobs (the submit host under SLURM).
+AUTO_IS_CUDA = auto_means_cuda(config.get("auto_device", "detect"))
 # External tools (engine nesvor|svrtk|niftymic) that are not installed are left out of the chains and
 # listed in the tables as "not installed", with the reason.
 NOT_INSTALLED = {m: why for m, (_, s) in METHOD_SETTINGS.items() if isinstance(s, ExternalSettings) and (why := availability(s))}

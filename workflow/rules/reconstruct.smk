@@ -1,7 +1,38 @@
+# What a job asks of the scheduler, decided when the DAG is built (the figures behind them: gsvr.recon.files).
+def on_cuda(wildcards):
+    """Whether the method runs on CUDA: run.device cuda, or auto where auto_device says so (common.smk); never
+    for stack_average, svrtk and niftymic."""
+    engine, settings = METHOD_SETTINGS[wildcards.method]  # parsed when the workflow was read (common.smk)
+    return uses_cuda(engine, settings, cuda_available=AUTO_IS_CUDA)
+
+
 def gpus(wildcards):
-    """1 when the method asks for CUDA (its run.device), else 0."""
-    settings = METHOD_SETTINGS[wildcards.method][1]  # parsed when the workflow was read (common.smk)
-    return 1 if getattr(getattr(settings, "run", None), "device", "auto") == "cuda" else 0
+    """One GPU for a job that runs on CUDA; none (no gpu resource at all) otherwise."""
+    return 1 if on_cuda(wildcards) else None
+
+
+def device(wildcards):
+    """The device the job is planned for; it replaces run.device, so a job without a GPU never uses one."""
+    return "cuda" if on_cuda(wildcards) else "cpu"
+
+
+def n_stacks(wildcards):
+    return len(_words(wildcards.subject, "stacks")) if wildcards.subject in ACQUIRED.index else int(config["simulation"]["n_stacks"])
+
+
+def memory(wildcards, input):
+    """mem_mb: the measured peak memory for these stacks, with a margin (gsvr.recon.files.memory_mb)."""
+    return memory_mb(*METHOD_SETTINGS[wildcards.method], input.stacks, cuda=on_cuda(wildcards))
+
+
+def runtime(wildcards):
+    """Minutes: one reconstruction (gsvr.recon.files.runtime_min)."""
+    return runtime_min(*METHOD_SETTINGS[wildcards.method])
+
+
+def assess_runtime(wildcards):
+    """Minutes: one reconstruction per stack."""
+    return runtime_min(*METHOD_SETTINGS[wildcards.method], runs=n_stacks(wildcards))
 
 
 rule reconstruct:
@@ -15,6 +46,7 @@ rule reconstruct:
     params:
         cfg=lambda wc: config["methods"][wc.method],
         thicknesses=thicknesses,
+        device=device,
     log:
         "logs/{subject}/{method}/reconstruct.log",
     benchmark:
@@ -22,6 +54,8 @@ rule reconstruct:
     threads: 8  # capped by --cores locally; the SLURM profile sets its own
     resources:
         gpu=gpus,
+        mem_mb=memory,
+        runtime=runtime,
     conda:
         "../../envs/recon.yaml"
     script:
@@ -37,6 +71,7 @@ rule assess:
     params:
         cfg=lambda wc: config["methods"][wc.method],
         thicknesses=thicknesses,
+        device=device,
     log:
         "logs/{subject}/{method}/assess.log",
     benchmark:
@@ -44,6 +79,8 @@ rule assess:
     threads: 8
     resources:
         gpu=gpus,
+        mem_mb=memory,
+        runtime=assess_runtime,
     conda:
         "../../envs/recon.yaml"
     script:

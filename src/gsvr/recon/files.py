@@ -4,12 +4,14 @@ A workflow *method* is a mapping of settings with an optional ``engine`` key: on
 :data:`METHODS` (settings: :meth:`ReconConfig.from_dict`) or an external tool of
 :data:`gsvr.baselines.external.PROGRAMS` (settings: :meth:`ExternalSettings.from_dict`).
 :func:`check_methods` validates them all (the workflow calls it when Snakemake parses the
-workflow); :func:`run_method_files` and :func:`assess_method_files` run one on files.
+workflow); :func:`run_method_files` and :func:`assess_method_files` run one on files. What a run of a
+method asks of a scheduler: :func:`uses_cuda` (a GPU), :func:`memory_mb` and :func:`runtime_min`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -157,12 +159,75 @@ CUDA_TOOLS = ("nesvor",)
 def uses_cuda(engine: str, settings: ReconConfig | ExternalSettings, *, cuda_available: bool) -> bool:
     """Whether a run of the method (as :func:`check_method_settings` returns it) uses a CUDA device:
     ``run.device: cuda``, or ``auto`` where ``cuda_available``, for the engines of :data:`CUDA_ENGINES`;
-    the tools of :data:`CUDA_TOOLS`."""
+    the tools of :data:`CUDA_TOOLS`. (The workflow asks its scheduler for a GPU exactly then.)"""
     if isinstance(settings, ExternalSettings):
         return settings.tool in CUDA_TOOLS
     if engine not in CUDA_ENGINES:
         return False
     return settings.run.device == "cuda" or (settings.run.device == "auto" and cuda_available)
+
+
+def auto_means_cuda(auto_device: str) -> bool:
+    """Whether ``run.device: auto`` is to run on CUDA: ``auto_device`` "cuda", "cpu", or "detect" (torch sees a
+    CUDA device in this process)."""
+    if auto_device == "detect":
+        import torch
+
+        return torch.cuda.is_available()
+    if auto_device in ("cuda", "cpu"):
+        return auto_device == "cuda"
+    raise GsvrError(f"auto_device must be detect, cuda or cpu, got {auto_device!r}")
+
+
+# Resources to request for one run, from the figures of docs/results.md (2 CPU cores, torch on CPU).
+# Peak resident memory of gsvr's engines grows with the voxels of the input stacks: 0.73-1.01 GB for three
+# stacks of 107x107x29 (1.0 M voxels, section 1), 4.66-4.94 GB for six of 320x320x22 or 300x300x26
+# (13.5-14.0 M voxels, section 2), i.e. about 700 MB + 300 MB per million voxels.
+MEMORY_BASE_MB = 700
+MEMORY_PER_MVOXEL_MB = 300
+MEMORY_MARGIN = 1.5  #: requested / estimated peak
+MEMORY_MIN_MB = 2000  #: also what stack_average is given (two float64 grids of the output and the stacks)
+MEMORY_CUDA_MB = 2000  #: host memory of the CUDA runtime on top (not measured)
+MEMORY_EXTERNAL_MB = 16000  #: external tools (not measured)
+# Wall time: without the joint stage 1-6 min per reconstruction (sections 1 and 2); a joint step about 15 s at
+# 0.8 mm (section 6: 699 s for 40 steps of M-Gaussian's recipe, SVR included; 1404 s with block radius 2).
+RUNTIME_MIN = {"gsvr": 30, "svr_classic": 30, "stack_average": 10}  #: minutes per run, before joint steps
+RUNTIME_PER_JOINT_STEP_MIN = 0.5  #: twice the measured 15 s
+RUNTIME_EXTERNAL_MIN = 120  #: external tools (not measured)
+
+
+def stack_voxels(stacks: Sequence[str] | str | os.PathLike) -> int:
+    """Voxels in the stacks (files, or a folder of preprocessed stacks), read from their headers. A missing
+    file raises the operating system's FileNotFoundError naming it (Snakemake then plans the resource as <TBD>)."""
+    import nibabel as nib
+
+    paths, _ = _stack_paths(stacks, None)
+    for p in paths:
+        os.stat(p)
+    return sum(math.prod(nib.load(p).shape[:3]) for p in paths)
+
+
+def memory_mb(engine: str, settings: ReconConfig | ExternalSettings, stacks: Sequence[str] | str | os.PathLike, *,
+              cuda: bool) -> int:
+    """Memory (MB) to request for one run of the method on ``stacks``: the measured peak resident memory
+    (``MEMORY_BASE_MB`` + ``MEMORY_PER_MVOXEL_MB`` per million stack voxels) times ``MEMORY_MARGIN``, plus
+    ``MEMORY_CUDA_MB`` on CUDA, at least ``MEMORY_MIN_MB``, rounded up to 500 MB."""
+    if isinstance(settings, ExternalSettings):
+        return MEMORY_EXTERNAL_MB
+    if engine not in CUDA_ENGINES:
+        return MEMORY_MIN_MB
+    peak = MEMORY_BASE_MB + MEMORY_PER_MVOXEL_MB * stack_voxels(stacks) / 1e6
+    need = max(MEMORY_MIN_MB, MEMORY_MARGIN * peak + (MEMORY_CUDA_MB if cuda else 0))
+    return int(500 * math.ceil(need / 500))
+
+
+def runtime_min(engine: str, settings: ReconConfig | ExternalSettings, *, runs: int = 1) -> int:
+    """Minutes to request for ``runs`` reconstructions with the method (``RUNTIME_MIN`` plus
+    ``RUNTIME_PER_JOINT_STEP_MIN`` per joint step, coarse ones included, for each run)."""
+    if isinstance(settings, ExternalSettings):
+        return RUNTIME_EXTERNAL_MIN * runs
+    steps = settings.joint.steps + (settings.joint.multires.steps if settings.joint.multires else 0)
+    return int(math.ceil(runs * (RUNTIME_MIN[engine] + RUNTIME_PER_JOINT_STEP_MIN * steps)))
 
 
 def _stack_paths(stacks: Sequence[str] | str | os.PathLike, masks: Sequence[str] | None
@@ -190,7 +255,8 @@ def run_method_files(
     output_slices_tsv: str,
     output_log: str,
     source: str = "method",
-    progress: Progress = False,
+    progress: Progress = "log",
+    device: str | None = None,
 ) -> Result | None:
     """Reconstruct with one method (settings as :func:`check_method_settings` takes them) and write its
     volume, provenance sidecar, per-slice table and per-step log as one set.
@@ -198,11 +264,15 @@ def run_method_files(
     ``stacks`` is a list of files or a folder of preprocessed stacks (with their masks; ``masks`` None).
     gsvr's engines go through :func:`reconstruct_files` (returns its :class:`Result`); an external tool
     writes the volume only, and its slice table and log are header-only (the tools report neither in
-    gsvr's format; returns None).
+    gsvr's format; returns None). ``device`` ("cpu" or "cuda"), when given, replaces the settings'
+    ``run.device``: the device the workflow planned the job for (:func:`uses_cuda`). ``progress``: log
+    lines by default (see :mod:`gsvr.progress`).
     """
     engine, parsed = check_method_settings(settings, source)
     stacks, masks = _stack_paths(stacks, masks)
     if isinstance(parsed, ReconConfig):
+        if device:
+            parsed = parsed.updated({"run.device": device}, source=source)
         return reconstruct_files(stacks, masks, thicknesses, parsed, output_volume=output_volume,
                                  output_slices_tsv=output_slices_tsv, output_log=output_log, progress=progress,
                                  method=engine, source=source)
@@ -232,19 +302,24 @@ def assess_method_files(
     *,
     output_tsv: str,
     source: str = "method",
-    progress: Progress = False,
+    progress: Progress = "log",
+    device: str | None = None,
 ):
     """Leave-one-stack-out assessment (:func:`gsvr.evaluate.assess.assess_files`) of one of gsvr's own
     methods (settings as :func:`check_method_settings` takes them; external tools are refused);
-    ``stacks`` as in :func:`run_method_files`. Returns the table, written to ``output_tsv`` atomically."""
+    ``stacks``, ``progress`` and ``device`` as in :func:`run_method_files`. Returns the table, written to
+    ``output_tsv`` atomically."""
     from gsvr.evaluate.assess import assess_files
 
     engine, parsed = check_method_settings(settings, source)
     if not isinstance(parsed, ReconConfig):
         raise GsvrError(f"{source}: the assessment reconstructs with gsvr's own methods {sorted(METHODS)}, not {engine}")
+    if device:
+        parsed = parsed.updated({"run.device": device}, source=source)
     stacks, masks = _stack_paths(stacks, masks)
     return assess_files(stacks, masks, thicknesses, parsed, method=engine, output_tsv=output_tsv, progress=progress)
 
 
-__all__ = ["CUDA_ENGINES", "CUDA_TOOLS", "DEFAULT_ENGINE", "METHODS", "assess_method_files", "check_method_settings",
-           "check_methods", "reconstruct_files", "run_method_files", "uses_cuda"]
+__all__ = ["CUDA_ENGINES", "CUDA_TOOLS", "DEFAULT_ENGINE", "METHODS", "assess_method_files", "auto_means_cuda",
+           "check_method_settings", "check_methods", "memory_mb", "reconstruct_files", "run_method_files", "runtime_min",
+           "stack_voxels", "uses_cuda"]
