@@ -92,7 +92,7 @@ def test_corrupted_slices_get_the_lowest_weights_and_cost_little(small_subject, 
         res = METHODS[method](_stacks(sim), FAST.updated({"svr.robust": robust}), progress=False)
         results[frac] = (sim, res, evaluate_volume(res.volume.data, res.volume.affine, vol, affine, mask).psnr)
     sim, res, psnr = results[0.1]
-    truth = sim.motions.set_index(["stack", "slice"])["corrupted"]
+    truth = sim.motions.set_index(["stack_index", "slice_index"])["corrupted"]
     bad = np.array([truth.loc[(st, sl)] in ("void", "dark") for st, sl in zip(res.slices["stack_index"], res.slices["slice_index"])])
     assert bad.sum() >= 3
     lowest = res.slices["weight"].rank(method="first").to_numpy() <= int(np.ceil(0.1 * len(res.slices)))

@@ -5,11 +5,10 @@ import pytest
 import torch
 from helpers import stacks_from_simulation
 from scipy import ndimage
-from scipy.spatial.transform import Rotation
 
 from gsvr.geometry import axis_angle_to_matrix
 from gsvr.ops.voxel import VoxelGrid
-from gsvr.recon.slices import SliceMotion, build_slice_data, transform_points
+from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table, transform_points
 from gsvr.recon.svr import (SvrSettings, _grad_penalty_normal, edge_weights, em_robust_weights, register, remove_global_motion,
                             super_resolve, svr_cycles)
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
@@ -23,21 +22,13 @@ def moved(small_subject):
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, motion_rotation_deg=4.0, motion_translation_mm=3.0, seed=7, **SIM))
     stacks = stacks_from_simulation(sim)
     data = build_slice_data(stacks, quantile=0.99, device=torch.device("cpu"))
-    return sim, data, (vol, mask, affine)
+    return sim, data, (vol, mask, affine), stacks
 
 
-def _true_motion(sim, data) -> SliceMotion:
-    """The simulated motions (about the brain centre) as slice motions about each slice centre."""
-    truth = sim.motions.set_index(["stack", "slice"])
-    centre = sim.centre_mm - data.origin_mm
+def _true_motion(sim, data, stacks) -> SliceMotion:
+    """The simulated motions as slice motions."""
     motion = SliceMotion(data.n_slices, torch.device("cpu"))
-    with torch.no_grad():
-        for i, (st, sl) in enumerate(zip(data.stack_of_slice, data.slice_in_stack)):
-            row = truth.loc[(st, sl)]
-            r = Rotation.from_euler("xyz", [row.rx_deg, row.ry_deg, row.rz_deg], degrees=True)
-            c = data.centre[i].double().numpy()
-            motion.rotvec[i] = torch.as_tensor(r.as_rotvec())
-            motion.trans[i] = torch.as_tensor((r.as_matrix() - np.eye(3)) @ (c - centre) + [row.tx_mm, row.ty_mm, row.tz_mm])
+    set_motion_from_table(data, motion, stacks, sim.motions)
     return motion
 
 
@@ -61,8 +52,8 @@ def _truth_on_grid(gt, data, spacing_mm):
 
 
 def test_registration_to_the_true_volume_recovers_slice_motion(moved):
-    sim, data, gt = moved
-    truth = _true_motion(sim, data)
+    sim, data, gt, stacks = moved
+    truth = _true_motion(sim, data, stacks)
     start = SliceMotion(data.n_slices, torch.device("cpu"))
     before = _displacement_mm(data, start, truth)
     vol, grid = _truth_on_grid(gt, data, 1.6)
@@ -73,8 +64,8 @@ def test_registration_to_the_true_volume_recovers_slice_motion(moved):
 
 
 def test_super_resolution_with_true_motion_matches_the_ground_truth(moved):
-    sim, data, gt = moved
-    truth = _true_motion(sim, data)
+    sim, data, gt, stacks = moved
+    truth = _true_motion(sim, data, stacks)
     ref, grid = _truth_on_grid(gt, data, 1.6)
     got = super_resolve(data, truth, torch.ones(data.n_pixels), grid, SvrSettings(cg_iterations=20))
     inside = ndimage.binary_erosion(ref.numpy() > 0.05 * float(ref.max()), iterations=2)
@@ -83,8 +74,8 @@ def test_super_resolution_with_true_motion_matches_the_ground_truth(moved):
 
 
 def test_svr_cycles_recover_motion_from_the_slices_alone(moved):
-    sim, data, gt = moved
-    truth = _true_motion(sim, data)
+    sim, data, gt, stacks = moved
+    truth = _true_motion(sim, data, stacks)
     motion = SliceMotion(data.n_slices, torch.device("cpu"))
     before = _displacement_mm(data, motion, truth)
     settings = SvrSettings(spacings_mm=(3.2, 3.2, 2.4, 2.4, 1.6, 1.6), stack_spacings_mm=())
@@ -124,7 +115,7 @@ def test_stack_registration_moves_a_turned_stack_back_as_one_rigid_body(small_su
 
 
 def test_removing_the_global_motion_keeps_relative_motion_and_zeroes_a_common_one(moved):
-    _, data, _ = moved
+    _, data, _, _ = moved
     motion = SliceMotion(data.n_slices, torch.device("cpu"))
     rot = axis_angle_to_matrix(torch.tensor([0.1, -0.2, 0.05]))
     shift = torch.tensor([3.0, 1.0, -2.0])
@@ -135,7 +126,7 @@ def test_removing_the_global_motion_keeps_relative_motion_and_zeroes_a_common_on
     x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
     torch.testing.assert_close(x, data.x0, atol=1e-3, rtol=0)
     # Between slices, nothing changes: every pairwise pixel distance survives (one rigid map of all).
-    other = _true_motion(moved[0], data)
+    other = _true_motion(moved[0], data, moved[3])
     before = transform_points(data.x0, data.slice_idx, data.centre, other.rotation(), other.trans).detach()
     remove_global_motion(data, other)
     after = transform_points(data.x0, data.slice_idx, data.centre, other.rotation(), other.trans).detach()
@@ -176,8 +167,8 @@ def test_edge_weights_are_small_across_an_edge_and_one_on_flat_ground():
 def test_the_edge_prior_fits_the_truth_better_than_tikhonov_at_the_same_penalty(moved):
     """True motion, same (strong) penalty weight: the edge-preserving solve smooths less across tissue
     boundaries, so it correlates better with the ground truth."""
-    sim, data, gt = moved
-    truth = _true_motion(sim, data)
+    sim, data, gt, stacks = moved
+    truth = _true_motion(sim, data, stacks)
     ref, grid = _truth_on_grid(gt, data, 1.6)
     inside = ndimage.binary_erosion(ref.numpy() > 0.05 * float(ref.max()), iterations=2)
     corr = {}

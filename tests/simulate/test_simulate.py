@@ -34,10 +34,11 @@ def test_a_head_turn_between_stacks_moves_the_anatomy_not_the_header(small_subje
     turned = sim.stacks[0]
     assert np.allclose(turned.affine, still.affine)  # same header
     rows = sim.motions
-    euler = rows[["rx_deg", "ry_deg", "rz_deg"]].to_numpy()
-    assert np.allclose(euler, euler[0]) and np.linalg.norm(euler[0]) > 5  # one turn for the whole stack, recorded
+    rotvec = rows[["rx_deg", "ry_deg", "rz_deg"]].to_numpy()
+    assert np.allclose(rotvec, rotvec[0]) and np.linalg.norm(rotvec[0]) > 5  # one turn for the whole stack, recorded
+    assert np.allclose(rows[["cx_mm", "cy_mm", "cz_mm"]].to_numpy(), sim.centre_mm)  # about the brain centre
     # The anatomy at world q shows at header position R^-1 (q - c) + c.
-    r = Rotation.from_euler("xyz", euler[0], degrees=True).as_matrix()
+    r = Rotation.from_rotvec(np.radians(rotvec[0])).as_matrix()
     to_stack = np.eye(4)
     to_stack[:3, :3] = r.T
     to_stack[:3, 3] = sim.centre_mm - r.T @ sim.centre_mm

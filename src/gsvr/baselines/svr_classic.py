@@ -20,28 +20,32 @@ from gsvr.progress import progress_bar
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import HISTORY_COLUMNS, STAGE_MEASURES, Result, deterministic, prepare_stacks, resolve_device
 from gsvr.recon.state import slice_table, slice_weight_fn, support_radius
-from gsvr.recon.slices import SliceMotion, build_slice_data, transform_points
+from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table, transform_points
 from gsvr.recon.svr import SvrSettings, super_resolve, support_mask, svr_cycles
 from gsvr.recon.volume import SampledVolume
 
 
-def reconstruct_classic(stacks: Sequence[Stack], config: ReconConfig | None = None, *, progress: bool = True) -> Result:
+def reconstruct_classic(stacks: Sequence[Stack], config: ReconConfig | None = None, *, progress: bool = True,
+                        initial_motion: pd.DataFrame | None = None) -> Result:
     """Classical SVR: voxel volume, PSF quadrature, CG super-resolution, Gauss-Newton registration.
 
-    ``config.motion=False`` gives the super-resolution of the header geometry (no motion correction); the
+    ``config.motion=False`` gives the super-resolution of the header geometry, or of ``initial_motion`` (a
+    slice table, see :func:`gsvr.recon.engine.reconstruct`) when given, with no motion correction; the
     cycles' settings are ``config.svr`` (its defaults when that section is null).
     """
     with deterministic():
-        return _classic(stacks, config or ReconConfig(), progress)
+        return _classic(stacks, config or ReconConfig(), progress, initial_motion)
 
 
-def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool) -> Result:
+def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, initial_motion: pd.DataFrame | None) -> Result:
     t_start = time.perf_counter()
     device = resolve_device(cfg.run.device)
     stacks = prepare_stacks(stacks, cfg)
     torch.manual_seed(cfg.run.seed)
     data = build_slice_data(stacks, quantile=cfg.preprocess.normalize_quantile, device=device)
     motion = SliceMotion(data.n_slices, device)
+    if initial_motion is not None:
+        set_motion_from_table(data, motion, stacks, initial_motion)
     settings = cfg.svr or SvrSettings()
     weight_fn = slice_weight_fn(cfg)
     n_cycles = settings.n_cycles(len(stacks)) if cfg.motion else 0

@@ -41,6 +41,8 @@ class Stack:
         affine: [4, 4] float64 voxel -> world (RAS+ mm).
         thickness_mm: slice thickness (FWHM of the through-plane PSF).
         name: where the stack came from (for messages and tables).
+        alignment: [4, 4] rigid world transform that stack alignment applied to the header
+            (``affine`` = alignment @ the input affine); None when the stack was not moved.
     """
 
     data: np.ndarray
@@ -48,6 +50,7 @@ class Stack:
     affine: np.ndarray
     thickness_mm: float
     name: str = "stack"
+    alignment: np.ndarray | None = None
 
     @property
     def spacing_mm(self) -> np.ndarray:

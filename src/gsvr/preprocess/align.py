@@ -179,5 +179,6 @@ def align_stacks(stacks: Sequence[Stack], *, reference: int | None = None, max_a
         angle = np.degrees(Rotation.from_matrix(transform[:3, :3]).magnitude())
         log.info("stack %s -> %s: rotation %.1f deg, translation %.1f mm, correlation %.3f",
                  s.name, stacks[reference].name, angle, np.linalg.norm(transform[:3, 3]), -metric)
-        out[i] = dataclasses.replace(s, affine=transform @ s.affine)
+        before = np.eye(4) if s.alignment is None else s.alignment
+        out[i] = dataclasses.replace(s, affine=transform @ s.affine, alignment=transform @ before)
     return out, reference

@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Sequence
 
+import pandas as pd
 import torch
 
 from gsvr.io.nifti import Stack
@@ -21,7 +22,7 @@ __all__ = ["HISTORY_COLUMNS", "STAGE_MEASURES", "Result", "deterministic", "prep
 
 
 def reconstruct(stacks: Sequence[Stack], config: ReconConfig | None = None, *, progress: bool = True,
-                checkpoint: str | None = None, resume: bool = False) -> Result:
+                checkpoint: str | None = None, resume: bool = False, initial_motion: pd.DataFrame | None = None) -> Result:
     """Reconstruct a volume from motion-corrupted stacks (bit-reproducible for a seed on CPU).
 
     Args:
@@ -30,12 +31,15 @@ def reconstruct(stacks: Sequence[Stack], config: ReconConfig | None = None, *, p
         progress: show a tqdm progress bar.
         checkpoint: write checkpoints to this file (see :mod:`gsvr.recon.checkpoint`); removed on success.
         resume: continue from ``checkpoint`` when it exists (same result as an uninterrupted run).
+        initial_motion: start the slice motions from this slice table (``slices.tsv`` format: an earlier
+            run's, or known motions) instead of the headers.
     """
     cfg = config or ReconConfig()
     ck = Checkpointer(checkpoint, cfg.run.checkpoint_every or 0, cfg.model.knn_every, resume=resume,
                       stages=[stage.NAME for stage, _ in PIPELINE])
     with deterministic():
-        state = ReconState(cfg=cfg, ck=ck, stacks=list(stacks), progress=progress, device=resolve_device(cfg.run.device))
+        state = ReconState(cfg=cfg, ck=ck, stacks=list(stacks), progress=progress, device=resolve_device(cfg.run.device),
+                           initial_motion=initial_motion)
         for stage, section in PIPELINE:
             t0 = time.perf_counter()
             state = stage.run(state, getattr(cfg, section))

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 from torch import Tensor, nn
 
 from gsvr.errors import GsvrError
-from gsvr.geometry import axis_angle_to_matrix
+from gsvr.geometry import axis_angle_to_matrix, matrix_to_axis_angle
 from gsvr.io.nifti import Stack
 from gsvr.ops.psf import psf_covariance_world, psf_sigmas_mm
 
@@ -166,6 +168,66 @@ def transform_points(x0: Tensor, sid: Tensor, centre: Tensor, rotation: Tensor, 
     """Apply each pixel's slice motion: [P, 3] -> [P, 3]."""
     c = centre[sid]
     return (rotation[sid] @ (x0 - c)[:, :, None])[:, :, 0] + c + trans[sid]
+
+
+def _alignments(data: SliceData, stacks: Sequence[Stack]) -> tuple[np.ndarray, np.ndarray]:
+    """[M, 3, 3], [M, 3]: the rotation Q and translation q that stack alignment applied to each slice's header."""
+    eye = np.eye(4)
+    a = np.stack([eye if s.alignment is None else s.alignment for s in stacks])[data.stack_of_slice]
+    return a[:, :3, :3], a[:, :3, 3]
+
+
+def header_motion(data: SliceData, motion: SliceMotion, stacks: Sequence[Stack]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each slice's motion relative to its stack's *input* header, in world mm (float64):
+    x_anatomy = R (x - c) + c + t for a pixel at world position x under the input affine, with c the slice
+    centre there. Stack alignment (``Stack.alignment``) is folded in. Returns R [M, 3, 3], c [M, 3], t [M, 3]."""
+    q_rot, q_t = _alignments(data, stacks)
+    with torch.no_grad():
+        rot = motion.rotation().double().cpu().numpy()
+        trans = motion.trans.double().cpu().numpy()
+    c_aligned = data.centre.double().cpu().numpy() + data.origin_mm
+    centre = np.einsum("mji,mj->mi", q_rot, c_aligned - q_t)  # Q^T (c - q): the centre under the input header
+    return rot @ q_rot, centre, c_aligned + trans - centre
+
+
+def set_header_motion(data: SliceData, motion: SliceMotion, stacks: Sequence[Stack], rot: np.ndarray, centre: np.ndarray,
+                      trans: np.ndarray) -> None:
+    """The inverse of :func:`header_motion`: set ``motion`` from motions relative to the input headers
+    (x_anatomy = rot (x - centre) + centre + trans, world mm; [M, 3, 3], [M, 3], [M, 3] in slice order)."""
+    q_rot, q_t = _alignments(data, stacks)
+    r = rot @ np.transpose(q_rot, (0, 2, 1))  # in the aligned header's frame: x = Q^T (x_aligned - q)
+    c_al = np.einsum("mij,mj->mi", q_rot, centre) + q_t
+    t_al = centre + trans - c_al
+    c_data = data.centre.double().cpu().numpy() + data.origin_mm
+    t_data = t_al + np.einsum("mij,mj->mi", r, c_data - c_al) - (c_data - c_al)
+    with torch.no_grad():
+        motion.rotvec.copy_(matrix_to_axis_angle(torch.from_numpy(r)).float())
+        motion.trans.copy_(torch.from_numpy(t_data).float())
+
+
+#: the columns that name a slice in a slice table
+MOTION_KEY = ["stack_index", "slice_index"]
+
+
+def table_motion(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """R [M, 3, 3], c [M, 3], t [M, 3] of each row of a slice table (``slices.tsv`` format)."""
+    rot = Rotation.from_rotvec(np.radians(table[["rx_deg", "ry_deg", "rz_deg"]].to_numpy(float))).as_matrix()
+    return rot, table[["cx_mm", "cy_mm", "cz_mm"]].to_numpy(float), table[["tx_mm", "ty_mm", "tz_mm"]].to_numpy(float)
+
+
+def set_motion_from_table(data: SliceData, motion: SliceMotion, stacks: Sequence[Stack], table: pd.DataFrame) -> None:
+    """Set every slice's motion from a slice table (``slices.tsv`` of an earlier run, or a simulation's true
+    motions), matched by stack and slice index; a slice the table lacks is an error."""
+    missing = [c for c in MOTION_KEY + ["rx_deg", "ry_deg", "rz_deg", "cx_mm", "cy_mm", "cz_mm", "tx_mm", "ty_mm", "tz_mm"]
+               if c not in table.columns]
+    if missing:
+        raise GsvrError(f"slice motion table: missing columns {', '.join(missing)}")
+    rows = table.set_index(MOTION_KEY)
+    wanted = pd.MultiIndex.from_arrays([data.stack_of_slice, data.slice_in_stack], names=MOTION_KEY)
+    absent = wanted.difference(rows.index)
+    if len(absent):
+        raise GsvrError(f"slice motion table: no row for {len(absent)} slices, e.g. stack {absent[0][0]} slice {absent[0][1]}")
+    set_header_motion(data, motion, stacks, *table_motion(rows.loc[wanted].reset_index()))
 
 
 def downsample_inplane(stack: Stack, factor: int = 2) -> Stack:

@@ -19,7 +19,8 @@ from gsvr.model.field import GaussianField
 from gsvr.model.grid import GaussianGrid
 from gsvr.recon.checkpoint import Checkpointer
 from gsvr.recon.config import ReconConfig, SliceWeightsConfig
-from gsvr.recon.slices import SliceData, SliceMotion
+from gsvr.geometry import matrix_to_axis_angle
+from gsvr.recon.slices import SliceData, SliceMotion, header_motion
 from gsvr.recon.svr import SvrState
 from gsvr.recon.volume import SampledVolume
 
@@ -72,6 +73,7 @@ class ReconState:
     progress: bool = True
     t_start: float = field(default_factory=time.perf_counter)
     device: torch.device = torch.device("cpu")
+    initial_motion: pd.DataFrame | None = None  # slice table the motions start from (None: the headers)
     # From the slices stage on.
     data: SliceData | None = None
     motion: SliceMotion | None = None
@@ -142,15 +144,20 @@ def support_radius(stacks: Sequence[Stack]) -> float:
 
 
 def slice_table(data: SliceData, motion: SliceMotion, weights: Tensor, stacks: Sequence[Stack]) -> pd.DataFrame:
-    """One row per slice: its stack, index, motion (deg, mm), intensity scale and weight."""
-    rot = np.degrees(motion.rotvec.detach().cpu().numpy())
-    tr = motion.trans.detach().cpu().numpy()
+    """One row per slice: its stack, index, motion, intensity scale and weight.
+
+    The motion is relative to the stack's input header (stack alignment included), in world mm: a pixel at
+    x goes to R (x - c) + c + t, with R the rotation vector (rx, ry, rz) in degrees, c = (cx, cy, cz) the
+    slice centre and t = (tx, ty, tz). See :func:`gsvr.recon.slices.header_motion`."""
+    rot, centre, trans = header_motion(data, motion, stacks)
+    rotvec = np.degrees(matrix_to_axis_angle(torch.from_numpy(rot)).numpy())
     return pd.DataFrame({
         "stack": [stacks[i].name for i in data.stack_of_slice],
         "stack_index": data.stack_of_slice,
         "slice_index": data.slice_in_stack,
-        "rx_deg": rot[:, 0], "ry_deg": rot[:, 1], "rz_deg": rot[:, 2],
-        "tx_mm": tr[:, 0], "ty_mm": tr[:, 1], "tz_mm": tr[:, 2],
+        "rx_deg": rotvec[:, 0], "ry_deg": rotvec[:, 1], "rz_deg": rotvec[:, 2],
+        "cx_mm": centre[:, 0], "cy_mm": centre[:, 1], "cz_mm": centre[:, 2],
+        "tx_mm": trans[:, 0], "ty_mm": trans[:, 1], "tz_mm": trans[:, 2],
         "intensity_scale": torch.exp(motion.log_scale).detach().cpu().numpy(),
         "weight": weights.cpu().numpy(),
     })

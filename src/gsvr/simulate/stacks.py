@@ -75,7 +75,10 @@ class SimulatedStack:
 @dataclass
 class Simulation:
     stacks: list[SimulatedStack]
-    motions: pd.DataFrame  # one row per slice: stack, slice, rotation (deg, xyz Euler), translation, corrupted
+    #: one row per slice: stack_index, slice_index, its true motion as in gsvr's slices.tsv (a pixel at header position x
+    #: shows the anatomy at R (x - c) + c + t: rotation vector rx..rz in degrees, centre cx..cz and
+    #: translation tx..tz in mm; c is the brain centre), corrupted
+    motions: pd.DataFrame
     centre_mm: np.ndarray
 
 
@@ -145,7 +148,7 @@ def simulate_stacks(volume: np.ndarray, mask: np.ndarray, affine: np.ndarray, cf
             motion = Rotation.from_euler("xyz", rng.uniform(-1, 1, 3) * cfg.motion_rotation_deg, degrees=True) * head
             shift = rng.uniform(-1, 1, 3) * cfg.motion_translation_mm
             r_m = motion.as_matrix()
-            euler = motion.as_euler("xyz", degrees=True)  # the true motion: slice motion after the head turn
+            rotvec = np.degrees(motion.as_rotvec())  # the true motion: slice motion after the head turn
             ijk = np.concatenate([ij, np.full((len(ij), 1), z)], 1)
             nominal = ijk @ lin.T + stack_aff[:3, 3]
             moved = (nominal - centre) @ r_m.T + centre + shift  # [P, 3]
@@ -163,7 +166,8 @@ def simulate_stacks(volume: np.ndarray, mask: np.ndarray, affine: np.ndarray, cf
                 img = _corrupt(img, kind, rng)
             data[:, :, z] = img
             smask[:, :, z] = m.numpy().reshape(n_xy, n_xy)
-            rows.append({"stack": k, "slice": z, "rx_deg": euler[0], "ry_deg": euler[1], "rz_deg": euler[2],
+            rows.append({"stack_index": k, "slice_index": z, "rx_deg": rotvec[0], "ry_deg": rotvec[1], "rz_deg": rotvec[2],
+                         "cx_mm": centre[0], "cy_mm": centre[1], "cz_mm": centre[2],
                          "tx_mm": shift[0], "ty_mm": shift[1], "tz_mm": shift[2], "corrupted": kind})
         stacks.append(SimulatedStack(data=data, mask=smask, affine=stack_aff, thickness_mm=cfg.thickness_mm))
     return Simulation(stacks=stacks, motions=pd.DataFrame(rows), centre_mm=centre)

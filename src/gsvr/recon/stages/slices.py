@@ -10,7 +10,7 @@ import torch
 from gsvr.progress import progress_bar
 from gsvr.recon.checkpoint import fingerprint
 from gsvr.recon.config import ReconConfig, RunConfig
-from gsvr.recon.slices import SliceMotion, build_slice_data
+from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table
 from gsvr.recon.state import ReconState
 
 NAME = "slices"
@@ -27,6 +27,8 @@ def run(state: ReconState, cfg: RunConfig) -> ReconState:
     log.info("%d stacks, %d slices, %d in-mask pixels, %d Gaussians, K=%d, device %s", len(stacks), data.n_slices,
              data.n_pixels, min(full.init.n_gaussians, data.n_pixels), full.model.k_neighbors, state.device)
     state.motion = SliceMotion(data.n_slices, state.device)
+    if state.initial_motion is not None:
+        set_motion_from_table(data, state.motion, stacks, state.initial_motion)
     state.weights = torch.ones(data.n_slices, device=state.device)
     state.bar = progress_bar(total_steps(full, len(stacks)), desc="gsvr", unit="it", progress=state.progress)
     loaded = ck.loaded
