@@ -14,6 +14,7 @@ from gsvr.io.nifti import Stack
 from gsvr.recon.checkpoint import Checkpointer
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.stages import PIPELINE, align, prepare
+from gsvr.recon.slices import dilate_masks_inplane
 from gsvr.recon.state import HISTORY_COLUMNS, STAGE_MEASURES, ReconState, Result, resolve_device
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ def reconstruct(stacks: Sequence[Stack], config: ReconConfig | None = None, *, p
 
 
 def prepare_stacks(stacks: Sequence[Stack], cfg: ReconConfig) -> list[Stack]:
-    """The prepare and align stages alone (for the baselines)."""
-    return align.align(prepare.prepare(stacks, cfg.preprocess), cfg.align, motion=cfg.motion, seed=cfg.run.seed)
+    """The prepare and align stages, and the masks grown as the slices stage grows them (for the baselines)."""
+    aligned = align.align(prepare.prepare(stacks, cfg.preprocess), cfg.align, motion=cfg.motion, seed=cfg.run.seed)
+    return dilate_masks_inplane(aligned, cfg.preprocess.mask_dilation_mm)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import torch
 from gsvr.progress import progress_bar
 from gsvr.recon.checkpoint import fingerprint
 from gsvr.recon.config import ReconConfig, RunConfig
-from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table
+from gsvr.recon.slices import SliceMotion, build_slice_data, dilate_masks_inplane, set_motion_from_table
 from gsvr.recon.state import ReconState
 
 NAME = "slices"
@@ -23,6 +23,8 @@ def run(state: ReconState, cfg: RunConfig) -> ReconState:
         ck.check(fingerprint(stacks, full.to_dict()))
     torch.manual_seed(cfg.seed)
     state.gen = torch.Generator().manual_seed(cfg.seed)
+    # After the stack alignment, which compares the brain alone: the masks grown in plane (preprocess.mask_dilation_mm)
+    stacks = state.stacks = dilate_masks_inplane(stacks, full.preprocess.mask_dilation_mm)
     data = state.data = build_slice_data(stacks, quantile=full.preprocess.normalize_quantile, device=state.device)
     log.info("%d stacks, %d slices, %d in-mask pixels, %d Gaussians, K=%d, device %s", len(stacks), data.n_slices,
              data.n_pixels, min(full.init.n_gaussians, data.n_pixels), full.model.k_neighbors, state.device)
