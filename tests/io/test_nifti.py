@@ -178,3 +178,28 @@ def test_an_image_without_orientation_is_loaded_with_a_warning(tmp_path):
 def test_a_folder_given_as_an_image_is_named_as_a_folder(tmp_path):
     with pytest.raises(GsvrError, match="is a folder, not a NIfTI file"):
         load_image(tmp_path, what="stack")
+
+
+def test_a_temporary_left_by_a_process_killed_with_sigkill_is_removed_by_the_next_write(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "v.nii.gz"
+    writer = ("import sys, time\nfrom gsvr.io.nifti import atomic_output\n"
+              "with atomic_output(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n    print('writing', flush=True)\n"
+              "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    alive = subprocess.Popen([sys.executable, "-c", writer, str(out)], stdout=subprocess.PIPE, text=True)
+    assert alive.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    try:
+        assert len(list(tmp_path.glob(".*tmp*"))) == 2  # what SIGKILL leaves (no clean-up can run), and a live writer's
+        save_volume(out, np.zeros((3, 3, 3), np.float32), np.eye(4))
+        left = list(tmp_path.glob(".*tmp*"))
+        assert len(left) == 1 and f".{alive.pid}." in left[0].name  # the dead one is swept, the running one kept
+    finally:
+        alive.kill()
+        alive.wait()

@@ -9,8 +9,10 @@ temporary name and renamed at the end, so a failure never leaves a half-written 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
+import socket
 import tempfile
 import warnings
 import zlib
@@ -254,6 +256,25 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], *, inputs: Seque
                 raise GsvrError(f"{path}: {flag} names an input file; it would be overwritten")
 
 
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _sweep_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` left by a process of this host that no longer runs (killed with
+    SIGKILL, or the machine lost power, so its own clean-up never ran). Named ``.NAME.HOST.PID.*.tmp*``."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.{_HOST}.*.tmp*"):
+        pid = tmp.name[len(path.name) + len(_HOST) + 3:].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except OSError:  # alive, another user's
+            pass
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same extension); rename it onto ``path`` on success only."""
@@ -261,7 +282,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     check_writable(path)
     parent = path.parent
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=parent)
+    _sweep_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=f".tmp{suffix}", dir=parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
