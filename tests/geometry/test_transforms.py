@@ -1,7 +1,6 @@
 import numpy as np
 import torch
 from scipy.spatial.transform import Rotation
-from torch.testing import assert_close
 
 from gsvr.geometry import axis_angle_to_matrix, euler_to_matrix, matrix_to_axis_angle, quaternion_to_matrix
 
