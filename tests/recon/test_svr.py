@@ -176,3 +176,21 @@ def test_the_edge_prior_fits_the_truth_better_than_tikhonov_at_the_same_penalty(
         got = super_resolve(data, truth, torch.ones(data.n_pixels), grid, SvrSettings(cg_iterations=20, tikhonov=0.5, prior=prior))
         corr[prior] = np.corrcoef(got.numpy()[inside], ref.numpy()[inside])[0, 1]
     assert corr["edge"] > corr["tikhonov"] + 0.005, corr
+
+
+def test_a_slice_whose_intensity_scale_hits_the_clamp_loses_its_weight_and_ordinary_spread_does_not():
+    from gsvr.recon.svr import scale_outlier_weights
+
+    log_scale = torch.log(torch.tensor([1.0, 0.97, 1.03, 1.05, 0.95, 1.01, 0.99, 2.0, 0.5]))
+    w = scale_outlier_weights(log_scale, 4.0)
+    assert (w[:7] > 0.9).all() and (w[7:] < 0.05).all(), w
+
+
+def test_scale_outlier_setting_is_checked_and_can_be_switched_off():
+    from gsvr.errors import GsvrError
+    from gsvr.recon.config import ReconConfig
+
+    assert ReconConfig.from_dict({"svr": {"scale_outlier_z": None}}).svr.scale_outlier_z is None
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(GsvrError, match="scale_outlier_z"):
+            ReconConfig.from_dict({"svr": {"scale_outlier_z": bad}})

@@ -59,6 +59,10 @@ class SvrSettings:
     prior: str = "tikhonov"
     edge_delta: float = 0.1  #: edge scale of the "edge" prior (intensities are normalised to ~1)
     scale_bounds: tuple[float, float] = (0.5, 2.0)  #: clamp of the per-slice intensity scale
+    #: registration failures: a slice whose fitted intensity scale lies far from the other slices' is down-weighted
+    #: by exp(-1/2 (z / scale_outlier_z)^2), z = |log scale - median| / max(1.4826 MAD, 0.05) (a slice turned off its
+    #: anatomy needs a scale at the clamp to fit; docs/results.md section 11); null: off
+    scale_outlier_z: float | None = 4.0
     chunk_pixels: int = 65_536
     margin_mm: float = 4.0  #: the voxel grid covers the slices' in-mask pixels plus this margin
 
@@ -77,6 +81,8 @@ class SvrSettings:
         for name in ("cg_iterations", "reg_steps", "translation_only_cycles", "lm_damping", "tikhonov", "margin_mm"):
             if getattr(self, name) < 0:
                 raise GsvrError(f"config: svr.{name} must be >= 0, got {getattr(self, name)}")
+        if self.scale_outlier_z is not None and not (math.isfinite(self.scale_outlier_z) and self.scale_outlier_z > 0):
+            raise GsvrError(f"config: svr.scale_outlier_z must be a finite number > 0 or null, got {self.scale_outlier_z}")
         for name in ("max_step_rad", "max_step_mm", "prior_rotation_rad", "prior_translation_mm", "edge_delta"):
             if not getattr(self, name) > 0:
                 raise GsvrError(f"config: svr.{name} must be > 0, got {getattr(self, name)}")
@@ -246,6 +252,8 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
             pixel_weights, weights = em_robust_weights(pixel_res, data.slice_idx, data.n_slices, s.em_iterations)
         else:
             weights = weight_fn(mean_res)
+        if s.scale_outlier_z is not None:
+            weights = weights * scale_outlier_weights(motion.log_scale.detach(), s.scale_outlier_z)
         remove_global_motion(data, motion)
         log.info("svr cycle %d (%.1f mm, %s): median slice NCC %.3f", cycle + 1, spacing,
                  "whole stacks" if whole_stacks else "slices", float(ncc.median()))
@@ -256,6 +264,13 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
     grid = _grid(data, motion, s.spacings_mm[-1], s.margin_mm)
     vol = super_resolve(data, motion, weights[data.slice_idx] * pixel_weights, grid, s)
     return SvrState(vol, grid), weights, pixel_weights
+
+
+def scale_outlier_weights(log_scale: Tensor, z_scale: float, floor: float = 0.05) -> Tensor:
+    """[M] weights exp(-1/2 (z / z_scale)^2) of the slices' robust z-score of log intensity scale (see SvrSettings)."""
+    med = log_scale.median()
+    spread = torch.clamp(1.4826 * (log_scale - med).abs().median(), min=floor)
+    return torch.exp(-0.5 * ((log_scale - med).abs() / spread / z_scale).square())
 
 
 @torch.no_grad()

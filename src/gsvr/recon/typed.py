@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping
@@ -58,12 +59,12 @@ def type_hints(cls: type) -> dict:
 
 def section_type(hint: Any) -> type | None:
     """The dataclass of a (possibly Optional) section annotation, else None."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is typing.Union else [hint]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if is_optional(hint) else [hint]
     return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
 
 
 def is_optional(hint: Any) -> bool:
-    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
 
 
 def build(cls: type, values: Mapping[str, Any], source: str, prefix: str):
