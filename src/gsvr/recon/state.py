@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -17,6 +16,7 @@ from gsvr.errors import GsvrError
 from gsvr.io.nifti import Stack
 from gsvr.model.field import GaussianField
 from gsvr.model.grid import GaussianGrid
+from gsvr.provenance import peak_memory_mb
 from gsvr.recon.checkpoint import Checkpointer
 from gsvr.recon.config import ReconConfig, SliceWeightsConfig
 from gsvr.geometry import matrix_to_axis_angle
@@ -113,12 +113,9 @@ def resolve_device(name: str) -> torch.device:
 
 def log_peak_memory(after: str) -> None:
     """Peak resident memory of the process so far (a memory report names the stage that set it)."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 ** 2 if sys.platform != "darwin" else 1024 ** 3)
-    log.info("after %s: peak resident memory %.2f GB", after, peak)
+    rss_mb = peak_memory_mb()["peak_rss_mb"]
+    if rss_mb is not None:  # None on Windows
+        log.info("after %s: peak resident memory %.2f GB", after, rss_mb / 1024)
 
 
 def robust_slice_weights(mean_abs_res: Tensor, cfg: SliceWeightsConfig) -> Tensor:
