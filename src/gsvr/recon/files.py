@@ -179,20 +179,16 @@ def auto_means_cuda(auto_device: str) -> bool:
     raise GsvrError(f"auto_device must be detect, cuda or cpu, got {auto_device!r}")
 
 
-# Resources to request for one run, from the figures of docs/results.md (2 CPU cores, torch on CPU).
-# Peak resident memory of gsvr's engines grows with the voxels of the input stacks: 0.73-1.01 GB for three
-# stacks of 107x107x29 (1.0 M voxels, section 1), 4.66-4.94 GB for six of 320x320x22 or 300x300x26
-# (13.5-14.0 M voxels, section 2), i.e. about 700 MB + 300 MB per million voxels.
+# Resources to request for one run, fitted to the peak resident memory and wall times of docs/results.md
+# (sections 1, 2 and 6; 2 CPU cores, torch on CPU): memory grows linearly with the input stacks' voxels.
 MEMORY_BASE_MB = 700
 MEMORY_PER_MVOXEL_MB = 300
 MEMORY_MARGIN = 1.5  #: requested / estimated peak
 MEMORY_MIN_MB = 2000  #: also what stack_average is given (two float64 grids of the output and the stacks)
 MEMORY_CUDA_MB = 2000  #: host memory of the CUDA runtime on top (not measured)
 MEMORY_EXTERNAL_MB = 16000  #: external tools (not measured)
-# Wall time: without the joint stage 1-6 min per reconstruction (sections 1 and 2); a joint step about 15 s at
-# 0.8 mm (section 6: 699 s for 40 steps of M-Gaussian's recipe, SVR included; 1404 s with block radius 2).
 RUNTIME_MIN = {"gsvr": 30, "svr_classic": 30, "stack_average": 10}  #: minutes per run, before joint steps
-RUNTIME_PER_JOINT_STEP_MIN = 0.5  #: twice the measured 15 s
+RUNTIME_PER_JOINT_STEP_MIN = 0.5  #: twice a joint step at 0.8 mm (docs/results.md section 6)
 RUNTIME_EXTERNAL_MIN = 120  #: external tools (not measured)
 
 
