@@ -1,26 +1,72 @@
-"""Fixtures of the workflow tests: one small local run of the workflow, shared by the tests that need its
-tables, figures and report (test_report.py) or compare another run with it (test_slurm.py)."""
+"""Fixtures of the workflow tests: one tiny local run of the whole workflow, shared by the test of its tables
+(test_workflow.py), the tests of its report (test_report.py) and the SLURM test that repeats part of it
+(test_slurm.py)."""
 import os
 import shutil
 import subprocess
 
 import pytest
 import yaml
-from test_workflow import ROOT, SNAKEMAKE, _write_tiny_cohort
+from test_workflow import ROOT, SNAKEMAKE
+
+#: the methods of the SLURM test's run: gsvr, the floor, and an uninstalled tool the tables list as such
+SLURM_METHODS = ("gsvr", "stack_average", "nesvor")
 
 
-def write_small_cohort(root, small_subject):
-    """test_workflow's tiny cohort cut down to the quality and segmentation tables, the figures and the report
-    in about a minute on 2 cores: the subject with ground truth only (no acquired subject), and two methods
-    (gsvr with one SVR cycle, stack_average) plus the uninstalled tool the tables list as such."""
-    _write_tiny_cohort(root, small_subject)
+def write_tiny_cohort(root, small_subject):
+    """A 1.6 mm subject with ground truth and labels, an 'acquired' subject of simulated stacks, and a
+    config with tiny methods (seconds each) and a coarse segmentation."""
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
+
+    vol, mask, affine = small_subject
+    data = root / "data"
+    data.mkdir()
+    labels = nib.load(ROOT / "data/demo/GA23/parcellation.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(labels.dataobj)[::2, ::2, ::2].astype("int16"), affine), data / "gt_labels.nii.gz")
+    nib.save(nib.Nifti1Image(vol, affine), data / "gt.nii.gz")
+    nib.save(nib.Nifti1Image(mask.astype("uint8"), affine), data / "gt_mask.nii.gz")
+    sim_cfg = dict(n_stacks=3, inplane_spacing_mm=1.6, thickness_mm=4.0, obliquity_deg=5.0, motion_rotation_deg=3.0,
+                   motion_translation_mm=2.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11, seed=2)
+    acq = simulate_stacks(vol, mask, affine, SimulationConfig(**{**sim_cfg, "seed": 7}))
+    names = ["ax", "cor", "sag"]
+    for name, s in zip(names, acq.stacks):
+        nib.save(nib.Nifti1Image(s.data, s.affine), data / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image((s.mask > 0).astype("uint8"), s.affine), data / f"{name}_mask.nii.gz")
+    cfg_dir = root / "config"
+    cfg_dir.mkdir()
+    pd.DataFrame([{"subject": "tiny", "dataset": "test", "volume": "../data/gt.nii.gz", "mask": "../data/gt_mask.nii.gz",
+                   "labels": "../data/gt_labels.nii.gz"}]).to_csv(
+        cfg_dir / "subjects.tsv", sep="\t", index=False)
+    pd.DataFrame([{"subject": "acq", "dataset": "test", "stacks": " ".join(f"../data/{n}.nii.gz" for n in names),
+                   "masks": " ".join(f"../data/{n}_mask.nii.gz" for n in names), "thicknesses": "4 4 4"}]).to_csv(
+        cfg_dir / "acquired.tsv", sep="\t", index=False)
+    fast = {"init": {"n_gaussians": 4000}, "model": {"k_neighbors": 16}, "output": {"resolution_mm": 1.6},
+            "run": {"seed": 0}, "svr": {"spacings_mm": [3.2, 3.2, 2.4], "stack_spacings_mm": [3.2]}, "fit": {"steps": 30}}
+    config = {
+        "subjects": "config/subjects.tsv", "acquired": "config/acquired.tsv", "assess_methods": ["svr_classic"],
+        "simulation": sim_cfg, "preprocess": {"crop_margin_mm": 8.0, "n4": False, "standardise": True},
+        "segmentation": {"atlases": [str(ROOT / "data/atlases/GA22"), str(ROOT / "data/atlases/GA24")],
+                         "registration_spacing_mm": 3.2},
+        "methods": {"gsvr": fast, "svr_classic": {**fast, "engine": "svr_classic"},
+                    "stack_average": {"engine": "stack_average", "output": {"resolution_mm": 1.6}},
+                    "nesvor": {"engine": "nesvor", "command": ["gsvr-test-no-such-program"]}},
+    }
+    (cfg_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+
+def write_slurm_cohort(root, small_subject):
+    """The tiny cohort cut down to what the SLURM test runs: the subject with ground truth and the methods of
+    SLURM_METHODS, each with the tiny run's settings (so their rows equal the tiny run's)."""
+    write_tiny_cohort(root, small_subject)
     path = root / "config" / "config.yaml"
     config = yaml.safe_load(path.read_text())
-    methods = config["methods"]
-    svr = {"spacings_mm": [3.2], "stack_spacings_mm": [], "translation_only_cycles": 1, "cg_iterations": 6, "reg_steps": 4}
-    gsvr = {**methods["gsvr"], "align": None, "svr": svr}
-    config.update(acquired=None, assess_methods=[],
-                  methods={"gsvr": gsvr, "stack_average": methods["stack_average"], "nesvor": methods["nesvor"]})
+    config.update(acquired=None, assess_methods=[], methods={m: config["methods"][m] for m in SLURM_METHODS})
     path.write_text(yaml.safe_dump(config))
 
 
@@ -30,10 +76,10 @@ def snakemake(*args, cwd=ROOT, env=None, timeout=900):
 
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, small_subject):
-    """A finished local run of the small cohort: its working directory. Two jobs at a time, one thread each
+    """A finished local run of the tiny cohort: its working directory. Two jobs at a time, one thread each
     (test_slurm.py runs its jobs with one thread too: equal threads give equal numbers)."""
     root = tmp_path_factory.mktemp("small_run")
-    write_small_cohort(root, small_subject)
+    write_tiny_cohort(root, small_subject)
     res = snakemake("-s", ROOT / "Snakefile", "--directory", root, "--cores", "2", "--max-threads", "1")
     assert res.returncode == 0, res.stderr[-4000:]
     return root
@@ -48,9 +94,9 @@ def small_report(small_run):
 
 
 @pytest.fixture(scope="session")
-def small_cohort(small_subject):
-    """write_small_cohort(root) for a test's own run of the small cohort."""
-    return lambda root: write_small_cohort(root, small_subject)
+def slurm_cohort(small_subject):
+    """write_slurm_cohort(root) for the SLURM test's own run."""
+    return lambda root: write_slurm_cohort(root, small_subject)
 
 
 @pytest.fixture(scope="session")

@@ -120,61 +120,13 @@ def test_parsing_the_workflow_leaves_the_search_path_and_environment_alone():
 
 
 
-def _write_tiny_cohort(root, small_subject):
-    """A 1.6 mm subject with ground truth and labels, an 'acquired' subject of simulated stacks, and a
-    config with tiny methods (seconds each) and a coarse segmentation."""
-    import nibabel as nib
-    import numpy as np
-    import pandas as pd
-    import yaml
-
-    from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
-
-    vol, mask, affine = small_subject
-    data = root / "data"
-    data.mkdir()
-    labels = nib.load(ROOT / "data/demo/GA23/parcellation.nii.gz")
-    nib.save(nib.Nifti1Image(np.asarray(labels.dataobj)[::2, ::2, ::2].astype("int16"), affine), data / "gt_labels.nii.gz")
-    nib.save(nib.Nifti1Image(vol, affine), data / "gt.nii.gz")
-    nib.save(nib.Nifti1Image(mask.astype("uint8"), affine), data / "gt_mask.nii.gz")
-    sim_cfg = dict(n_stacks=3, inplane_spacing_mm=1.6, thickness_mm=4.0, obliquity_deg=5.0, motion_rotation_deg=3.0,
-                   motion_translation_mm=2.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11, seed=2)
-    acq = simulate_stacks(vol, mask, affine, SimulationConfig(**{**sim_cfg, "seed": 7}))
-    names = ["ax", "cor", "sag"]
-    for name, s in zip(names, acq.stacks):
-        nib.save(nib.Nifti1Image(s.data, s.affine), data / f"{name}.nii.gz")
-        nib.save(nib.Nifti1Image((s.mask > 0).astype("uint8"), s.affine), data / f"{name}_mask.nii.gz")
-    cfg_dir = root / "config"
-    cfg_dir.mkdir()
-    pd.DataFrame([{"subject": "tiny", "dataset": "test", "volume": "../data/gt.nii.gz", "mask": "../data/gt_mask.nii.gz",
-                   "labels": "../data/gt_labels.nii.gz"}]).to_csv(
-        cfg_dir / "subjects.tsv", sep="\t", index=False)
-    pd.DataFrame([{"subject": "acq", "dataset": "test", "stacks": " ".join(f"../data/{n}.nii.gz" for n in names),
-                   "masks": " ".join(f"../data/{n}_mask.nii.gz" for n in names), "thicknesses": "4 4 4"}]).to_csv(
-        cfg_dir / "acquired.tsv", sep="\t", index=False)
-    fast = {"init": {"n_gaussians": 4000}, "model": {"k_neighbors": 16}, "output": {"resolution_mm": 1.6},
-            "run": {"seed": 0}, "svr": {"spacings_mm": [3.2, 3.2, 2.4], "stack_spacings_mm": [3.2]}, "fit": {"steps": 30}}
-    config = {
-        "subjects": "config/subjects.tsv", "acquired": "config/acquired.tsv", "assess_methods": ["svr_classic"],
-        "simulation": sim_cfg, "preprocess": {"crop_margin_mm": 8.0, "n4": False, "standardise": True},
-        "segmentation": {"atlases": [str(ROOT / "data/atlases/GA22"), str(ROOT / "data/atlases/GA24")],
-                         "registration_spacing_mm": 3.2},
-        "methods": {"gsvr": fast, "svr_classic": {**fast, "engine": "svr_classic"},
-                    "stack_average": {"engine": "stack_average", "output": {"resolution_mm": 1.6}},
-                    "nesvor": {"engine": "nesvor", "command": ["gsvr-test-no-such-program"]}},
-    }
-    (cfg_dir / "config.yaml").write_text(yaml.safe_dump(config))
-
-
 @pytest.mark.slow
-def test_tiny_end_to_end_run_fills_the_tables_and_a_second_run_does_nothing(tmp_path, small_subject):
+def test_tiny_end_to_end_run_fills_the_tables_and_a_second_run_does_nothing(small_run):
+    """The tiny cohort run end to end (conftest.small_run, shared with the report and SLURM tests)."""
     import numpy as np
     import pandas as pd
 
-    _write_tiny_cohort(tmp_path, small_subject)
-    args = ("-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--cores", "2")
-    res = _snakemake(*args)
-    assert res.returncode == 0, res.stderr[-4000:]
+    tmp_path = small_run
     quality = pd.read_csv(tmp_path / "results/tables/per_subject.csv")
     assert sorted(zip(quality["subject"], quality["method"])) == [("tiny", "gsvr"), ("tiny", "stack_average"), ("tiny", "svr_classic")]
     assert quality.set_index("method").loc["gsvr", "psnr"] > quality.set_index("method").loc["stack_average", "psnr"]
@@ -212,7 +164,7 @@ def test_tiny_end_to_end_run_fills_the_tables_and_a_second_run_does_nothing(tmp_
 
     settings = ReconConfig.from_dict(read_settings(tmp_path / "results/tiny/gsvr/volume.json", method="gsvr"))
     assert settings.init.n_gaussians == 4000 and settings.run.device == ("cuda" if torch.cuda.is_available() else "cpu")
-    again = _snakemake(*args, "-n")
+    again = _snakemake("-s", str(ROOT / "Snakefile"), "--directory", str(tmp_path), "--cores", "2", "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout[-2000:]
 
 
