@@ -14,8 +14,9 @@ from gsvr.baselines.external import ExternalSettings
 from gsvr.errors import GsvrError
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.engine import HISTORY_COLUMNS
-from gsvr.recon.files import (MEMORY_MIN_MB, assess_method_files, auto_means_cuda, check_method_settings, check_methods,
-                              memory_mb, run_method_files, runtime_min, stack_voxels, uses_cuda)
+from gsvr.recon.files import METHODS, assess_method_files, run_method_files
+from gsvr.recon.plan import (ENGINES, MEMORY_MIN_MB, auto_means_cuda, check_method_settings, check_methods, memory_mb, runtime_min,
+                             stack_voxels, uses_cuda)
 
 
 def _write_stacks(folder, n=3, names=None):
@@ -146,15 +147,45 @@ def test_a_method_uses_cuda_when_its_device_says_so_and_its_engine_can(settings,
     assert uses_cuda(*check_method_settings(settings, "m"), cuda_available=auto_cuda) is cuda
 
 
-def test_auto_device_is_cuda_cpu_or_what_torch_detects(monkeypatch):
+def test_auto_device_is_cuda_cpu_or_what_torch_detects(monkeypatch, tmp_path):
     import torch
 
+    from gsvr.recon import plan
+
     assert auto_means_cuda("cuda") and not auto_means_cuda("cpu")
+    node = tmp_path / "nvidiactl"
+    node.touch()
+    monkeypatch.setattr(plan, "GPU_DEVICE_NODES", (str(tmp_path / "absent"), str(node)))  # a driver is here: ask torch
     for seen in (True, False):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: seen)
         assert auto_means_cuda("detect") is seen
     with pytest.raises(GsvrError, match="auto_device"):
         auto_means_cuda("gpu")
+
+
+def test_without_a_gpu_driver_detect_says_cpu_without_asking_torch(monkeypatch, tmp_path):
+    import torch
+
+    from gsvr.recon import plan
+
+    def ask():
+        raise AssertionError("torch was asked")
+
+    monkeypatch.setattr(plan, "GPU_DEVICE_NODES", (str(tmp_path / "nvidiactl"),))
+    monkeypatch.setattr(torch.cuda, "is_available", ask)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert auto_means_cuda("detect") is False
+
+
+def test_the_workflow_plans_without_importing_torch_and_runs_every_engine_it_plans():
+    """Snakemake imports gsvr.recon.plan on every parse (each dry run, twice per SLURM job): torch costs seconds."""
+    import subprocess
+
+    code = ("import sys, gsvr.recon.plan, gsvr.baselines.external; "
+            "print(sorted(m for m in ('torch', 'gsvr.recon.engine') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
+    assert tuple(METHODS) == ENGINES
 
 
 def test_memory_and_runtime_requests_follow_the_measured_figures(tmp_path):

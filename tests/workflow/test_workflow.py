@@ -91,7 +91,7 @@ def test_an_ablation_row_naming_an_unknown_method_is_rejected(tmp_path):
 @pytest.mark.parametrize("settings,word", [("{no_such_knob: 1}", "no_such_knob"),
                                            ("{engine: nesvor, comand: [nesvor]}", "comand")])
 def test_a_method_with_an_unknown_setting_fails_the_dry_run_naming_the_method(tmp_path, settings, word):
-    # Checked when Snakemake parses the workflow (gsvr.recon.files.check_methods), not when the job runs.
+    # Checked when Snakemake parses the workflow (gsvr.recon.plan.check_methods), not when the job runs.
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"methods:\n  typo_method: {settings}\n")
     res = _snakemake("-n", "--cores", "1", "--nolock", "--configfile", str(bad))

@@ -9,7 +9,7 @@ from snakemake.utils import validate
 # (Snakemake removes PYTHONPATH from conda jobs' environment, so exporting it would not reach them.)
 try:
     from gsvr.baselines.external import PROGRAMS, ExternalSettings, availability
-    from gsvr.recon.files import auto_means_cuda, check_methods, memory_mb, runtime_min, uses_cuda
+    from gsvr.recon.plan import auto_means_cuda, check_methods, memory_mb, runtime_min, uses_cuda
 except ModuleNotFoundError as _exc:
     if _exc.name != "gsvr":
         raise

@@ -1,4 +1,4 @@
-# What a job asks of the scheduler, decided when the DAG is built (the figures behind them: gsvr.recon.files).
+# What a job asks of the scheduler, decided when the DAG is built (the figures behind them: gsvr.recon.plan).
 def on_cuda(wildcards):
     """Whether the method runs on CUDA: run.device cuda, or auto where auto_device says so (common.smk); never
     for stack_average, svrtk and niftymic."""
@@ -21,12 +21,12 @@ def n_stacks(wildcards):
 
 
 def memory(wildcards, input):
-    """mem_mb: the measured peak memory for these stacks, with a margin (gsvr.recon.files.memory_mb)."""
+    """mem_mb: the measured peak memory for these stacks, with a margin (gsvr.recon.plan.memory_mb)."""
     return memory_mb(*METHOD_SETTINGS[wildcards.method], input.stacks, cuda=on_cuda(wildcards))
 
 
 def runtime(wildcards):
-    """Minutes: one reconstruction (gsvr.recon.files.runtime_min)."""
+    """Minutes: one reconstruction (gsvr.recon.plan.runtime_min)."""
     return runtime_min(*METHOD_SETTINGS[wildcards.method])
 
 

@@ -17,11 +17,11 @@ import torch
 from gsvr.io.nifti import Stack
 from gsvr.ops.voxel import VoxelGrid
 from gsvr.progress import progress_bar
-from gsvr.recon.config import ReconConfig
+from gsvr.recon.config import ReconConfig, SvrSettings
 from gsvr.recon.engine import HISTORY_COLUMNS, STAGE_MEASURES, Result, deterministic, prepare_stacks, resolve_device
 from gsvr.recon.state import slice_table, slice_weight_fn, support_radius
 from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table, transform_points
-from gsvr.recon.svr import SvrSettings, super_resolve, support_mask, svr_cycles
+from gsvr.recon.svr import super_resolve, support_mask, svr_cycles
 from gsvr.recon.volume import SampledVolume
 
 

@@ -32,9 +32,9 @@ from gsvr.errors import GsvrError
 from gsvr.io.nifti import Stack
 from gsvr.ops.psf import psf_sigmas_mm
 from gsvr.ops.voxel import VoxelGrid, psf_nodes
-from gsvr.recon.config import ReconConfig
+from gsvr.recon.config import ReconConfig, SvrSettings
 from gsvr.recon.slices import SliceMotion, build_slice_data, slice_axes
-from gsvr.recon.svr import SliceOperator, SvrSettings, register
+from gsvr.recon.svr import SliceOperator, register
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ are generated from these classes (:mod:`gsvr.recon.config_reference`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -17,7 +18,6 @@ from typing import Any, Mapping, Optional
 
 from gsvr.errors import GsvrError
 from gsvr.preprocess.stacks import PreprocessConfig
-from gsvr.recon.svr import SvrSettings
 from gsvr.recon.typed import build, is_integer, is_number, merge, read_yaml
 
 
@@ -34,6 +34,72 @@ def _positive(obj: Any, section: str, *names: str, strict: bool = True) -> None:
 
 def _one_of(obj: Any, section: str, name: str, allowed: tuple) -> None:
     _check(getattr(obj, name) in allowed, f"{section}.{name}", f"must be one of {allowed}, got {getattr(obj, name)!r}")
+
+
+@dataclass(frozen=True)
+class SvrSettings:
+    """Classical SVR cycles on a voxel grid: super-resolution and slice-to-volume registration, coarse to fine."""
+
+    spacings_mm: tuple[float, ...] = (2.4, 2.4, 1.6, 1.6, 1.6, 1.2)  #: grid spacing of each cycle, coarse to fine
+    cg_iterations: int = 12  #: conjugate-gradient iterations of each super-resolution solve
+    reg_steps: int = 10  #: Gauss-Newton iterations of each registration
+    lm_damping: float = 0.1  #: Levenberg-Marquardt damping (fraction of the normal-matrix diagonal)
+    max_step_rad: float = 0.05  #: largest rotation of one Gauss-Newton step
+    max_step_mm: float = 2.0  #: largest translation of one Gauss-Newton step
+    prior_rotation_rad: float = 0.1  #: std of the zero-mean prior on each slice's rotation (per axis)
+    prior_translation_mm: float = 5.0  #: std of the zero-mean prior on each slice's translation (per axis)
+    tikhonov: float = 0.05  #: gradient penalty relative to the mean data-term diagonal
+    psf_normal: int = 5  #: Gauss-Hermite nodes through the slice
+    psf_inplane: int = 1  #: Gauss-Hermite nodes per in-plane axis
+    translation_only_cycles: int = 2  #: first cycles register translation only (rotation needs a sharper volume)
+    #: cycles before those of ``spacings_mm`` that register each stack as one rigid body to the volume of the
+    #: other stacks (through the PSF, so thick and thin directions are compared like with like); needs 2+ stacks
+    stack_spacings_mm: tuple[float, ...] = (3.2, 2.4)
+    leave_one_out: bool = True  #: register each stack's slices to the volume of the other stacks
+    #: robust statistics: "slice" (slice weights from the mean residual, ``weight_fn``) or "em" (Kuklisova-Murgasova:
+    #: EM on a pixel-wise inlier Gaussian / outlier uniform mixture, then a two-class mixture of
+    #: the slice potentials; the super-resolution weights each pixel by both posteriors)
+    robust: str = "slice"
+    em_iterations: int = 10  #: EM iterations of each mixture per cycle
+    #: super-resolution prior: "tikhonov" (gradient penalty) or "edge" (the penalty re-weighted by
+    #: 1 / sqrt(1 + (|grad v| / delta)^2) from a first Tikhonov solve, then solved again: edges are kept)
+    prior: str = "tikhonov"
+    edge_delta: float = 0.1  #: edge scale of the "edge" prior (intensities are normalised to ~1)
+    scale_bounds: tuple[float, float] = (0.5, 2.0)  #: clamp of the per-slice intensity scale
+    #: registration failures: a slice whose fitted intensity scale lies far from the other slices' is down-weighted
+    #: by exp(-1/2 (z / scale_outlier_z)^2), z = |log scale - median| / max(1.4826 MAD, 0.05) (a slice turned off its
+    #: anatomy needs a scale at the clamp to fit; docs/results.md section 11); null: off
+    scale_outlier_z: float | None = 4.0
+    chunk_pixels: int = 65_536
+    margin_mm: float = 4.0  #: the voxel grid covers the slices' in-mask pixels plus this margin
+
+    def __post_init__(self) -> None:
+        if self.robust not in ("slice", "em") or self.prior not in ("tikhonov", "edge"):
+            raise GsvrError(f"config: svr.robust must be 'slice' or 'em' and svr.prior 'tikhonov' or 'edge', "
+                            f"got {self.robust!r}, {self.prior!r}")
+        for name, may_be_empty in (("spacings_mm", False), ("stack_spacings_mm", True)):
+            v = getattr(self, name)
+            if (not v and not may_be_empty) or any(not isinstance(x, (int, float)) or not x > 0 for x in v):
+                raise GsvrError(f"config: svr.{name} must be a {'' if may_be_empty else 'non-empty '}list of positive "
+                                f"spacings, got {v!r}")
+        for name in ("psf_normal", "psf_inplane", "em_iterations", "chunk_pixels"):
+            if getattr(self, name) < 1:
+                raise GsvrError(f"config: svr.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("cg_iterations", "reg_steps", "translation_only_cycles", "lm_damping", "tikhonov", "margin_mm"):
+            if getattr(self, name) < 0:
+                raise GsvrError(f"config: svr.{name} must be >= 0, got {getattr(self, name)}")
+        if self.scale_outlier_z is not None and not (math.isfinite(self.scale_outlier_z) and self.scale_outlier_z > 0):
+            raise GsvrError(f"config: svr.scale_outlier_z must be a finite number > 0 or null, got {self.scale_outlier_z}")
+        for name in ("max_step_rad", "max_step_mm", "prior_rotation_rad", "prior_translation_mm", "edge_delta"):
+            if not getattr(self, name) > 0:
+                raise GsvrError(f"config: svr.{name} must be > 0, got {getattr(self, name)}")
+        if len(self.scale_bounds) != 2 or not 0 < self.scale_bounds[0] <= 1 <= self.scale_bounds[1]:
+            raise GsvrError(f"config: svr.scale_bounds must be [low <= 1, high >= 1], got {self.scale_bounds!r}")
+
+    def n_cycles(self, n_stacks: int) -> int:
+        """Cycles :func:`svr_cycles` runs on ``n_stacks`` stacks (whole-stack cycles need leave-one-out)."""
+        loo = self.leave_one_out and n_stacks > 1
+        return len(self.spacings_mm) + (len(self.stack_spacings_mm) if loo else 0)
 
 
 @dataclass(frozen=True)

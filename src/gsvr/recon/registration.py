@@ -15,7 +15,7 @@ from gsvr.ops.voxel import VoxelGrid, psf_nodes, psf_offsets
 from gsvr.recon.slices import SliceData, SliceMotion
 
 if TYPE_CHECKING:
-    from gsvr.recon.svr import SvrSettings
+    from gsvr.recon.config import SvrSettings
 
 
 def register(volume: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMotion, s: SvrSettings, *,

@@ -5,8 +5,9 @@ field absorb misalignment. Checkpointed after every cycle."""
 
 from __future__ import annotations
 
+from gsvr.recon.config import SvrSettings
 from gsvr.recon.state import ReconState, log_peak_memory, slice_weight_fn
-from gsvr.recon.svr import SvrSettings, svr_cycles
+from gsvr.recon.svr import svr_cycles
 
 NAME = "svr"
 
