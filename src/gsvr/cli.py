@@ -207,7 +207,10 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 def _assess(args: argparse.Namespace) -> int:
     from gsvr.evaluate.assess import assess_files
+    from gsvr.io.nifti import check_outputs
 
+    inputs = [*args.input_stacks, *(args.stack_masks or ()), *(p for p in (args.config, getattr(args, "full_run_slices", None)) if p)]
+    check_outputs({"--output-tsv": args.output_tsv}, inputs=inputs)
     table = assess_files(args.input_stacks, args.stack_masks, args.thicknesses, _recon_config(args),
                          method=args.method, output_tsv=args.output_tsv, progress=not args.no_progress)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -232,26 +235,49 @@ def _preprocess(args: argparse.Namespace) -> int:
     from gsvr.preprocess.stacks import PreprocessConfig, preprocess_files
 
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise GsvrError(f"{out}: --output-dir is a file, not a folder")
     names = [Path(p).name.removesuffix(".gz").removesuffix(".nii") for p in args.input_stacks]
     if len(set(names)) != len(names):
         raise GsvrError("input stacks must have distinct file names (they name the outputs)")
     cfg = PreprocessConfig(crop_margin_mm=args.crop_margin, n4=args.n4, standardise=not args.no_standardise)
-    preprocess_files(args.input_stacks, args.stack_masks, [out / f"{n}.nii.gz" for n in names],
-                     [out / f"{n}_mask.nii.gz" for n in names], cfg)
+    created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        preprocess_files(args.input_stacks, args.stack_masks, [out / f"{n}.nii.gz" for n in names],
+                         [out / f"{n}_mask.nii.gz" for n in names], cfg)
+    except BaseException:  # a failure leaves no folder behind that this run made (and left empty)
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from gsvr.io.nifti import load_image
+    import os
+
+    import numpy as np
+
+    from gsvr.io.nifti import GRID_TOLERANCE_MM, load_image
     from gsvr.simulate.stacks import SimulationConfig, simulate_stacks, write_simulation
 
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
         raise GsvrError(f"{args.output_dir}: --output-dir is a file, not a folder")
+    outputs = [out / "motions.tsv", *(out / f"stack{k}{e}.nii.gz" for k in range(max(args.n_stacks, 0)) for e in ("", "_mask"))]
+    for source in map(Path, (args.input_volume, args.input_mask)):
+        for path in outputs:
+            if path.resolve() == source.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source)):
+                raise GsvrError(f"{path}: this output would overwrite the input {source}; give another --output-dir")
     vol, aff = load_image(args.input_volume, what="volume")
-    mask, _ = load_image(args.input_mask, what="mask")
+    mask, mask_aff = load_image(args.input_mask, what="mask")
     if mask.shape != vol.shape:
         raise GsvrError(f"{args.input_mask}: mask shape {mask.shape} differs from volume shape {vol.shape}")
+    if np.abs(mask_aff - aff).max() >= GRID_TOLERANCE_MM:
+        raise GsvrError(f"{args.input_mask}: mask grid (its header's voxel-to-world affine) differs from the volume's")
+    if not (mask > 0).any():
+        raise GsvrError(f"{args.input_mask}: mask is empty")
     cfg = SimulationConfig(
         n_stacks=args.n_stacks, inplane_spacing_mm=args.inplane_spacing, thickness_mm=args.thickness,
         slice_spacing_mm=args.slice_spacing, obliquity_deg=args.obliquity, stack_rotation_deg=args.stack_rotation,
@@ -266,6 +292,8 @@ def _simulate(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace) -> int:
     import os
 
+    if args.threads is not None and args.threads < 1:
+        raise GsvrError(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     from gsvr.evaluate.segmentation import SegmentationSettings, segment_file

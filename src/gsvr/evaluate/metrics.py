@@ -129,10 +129,9 @@ def evaluate_files(volume: str | os.PathLike, reference: str | os.PathLike, refe
                    output_json: str | os.PathLike | None = None, register: bool = True) -> EvaluationResult:
     """Load a reconstruction, the ground-truth volume and its mask, :func:`evaluate_volume` them and write
     the metrics as JSON (``output_json``, atomically, checked writable before any work) when asked."""
-    from gsvr.io.nifti import atomic_output, check_writable, load_image
+    from gsvr.io.nifti import atomic_output, check_outputs, load_image
 
-    if output_json is not None:
-        check_writable(output_json)
+    check_outputs({"--output-json": output_json}, inputs=[volume, reference, reference_mask])
     from gsvr.io.nifti import load_mask
 
     rec, rec_aff = load_image(volume, what="reconstruction")

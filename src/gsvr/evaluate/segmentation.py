@@ -7,7 +7,8 @@ Segmenters:
   volume (affine then SyN, both images resampled to ``registration_spacing_mm``: a coarser spacing
   keeps the Dice and saves time, measured in docs/results.md, section 8), its labels are
   carried over, and the labels (background included) are fused by joint label fusion inside
-  the dilated union of the carried brain masks. An atlas named like the subject is never used on that subject.
+  the dilated union of the carried brain masks (a single atlas: its carried labels as they are). An atlas named
+  like the subject is never used on that subject.
 * ``nnunet``: a trained nnU-Net v2 model folder, run with ``nnUNetv2_predict_from_modelfolder``;
   its label numbers are mapped to the FeTA ones by ``label_map``.
 
@@ -19,6 +20,7 @@ percentiles, ASSD the mean over both contours' points.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -65,8 +67,8 @@ class SegmentationSettings:
             raise GsvrError(f"segmentation: segmenter must be atlas or nnunet, got {self.segmenter!r}")
         if self.segmenter == "nnunet" and not self.nnunet_model:
             raise GsvrError("segmentation: segmenter nnunet needs nnunet_model (a trained model folder)")
-        if self.registration_spacing_mm <= 0:
-            raise GsvrError("segmentation: registration_spacing_mm must be > 0")
+        if not (math.isfinite(self.registration_spacing_mm) and self.registration_spacing_mm > 0):
+            raise GsvrError(f"segmentation: registration_spacing_mm must be a finite number > 0, got {self.registration_spacing_mm}")
 
     @classmethod
     def from_dict(cls, values: Mapping | None) -> "SegmentationSettings":
@@ -130,7 +132,11 @@ def segment_multi_atlas(volume_path: str | os.PathLike, atlases: Sequence[str | 
                         settings: SegmentationSettings = SegmentationSettings()) -> tuple[np.ndarray, np.ndarray]:
     """Label map [X, Y, Z] (int16, FeTA numbers before merging) on the volume's own grid, and its affine."""
     with _private_tempdir():
-        return _segment_multi_atlas(volume_path, atlases, settings)
+        try:
+            return _segment_multi_atlas(volume_path, atlases, settings)
+        except RuntimeError as exc:  # ITK's errors (registration failed, memory) span several lines: keep the last
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [exc.__class__.__name__]
+            raise GsvrError(f"{volume_path}: multi-atlas segmentation failed ({lines[-1]})") from exc
 
 
 def _segment_multi_atlas(volume_path: str | os.PathLike, atlases: Sequence[str | os.PathLike],
@@ -155,12 +161,15 @@ def _segment_multi_atlas(volume_path: str | os.PathLike, atlases: Sequence[str |
     for lab in warped_labels:
         union |= lab.numpy() > 0
     mask = ants.iMath(target.new_image_like(union.astype(np.float32)), "MD", 2)
-    # Background is fused as a label of its own (numbers shifted by one): joint label fusion only
-    # chooses among non-zero labels, and would give every masked voxel a brain structure.
-    shifted = [lab + 1 for lab in warped_labels]
-    fused = ants.joint_label_fusion(target, mask, atlas_list=warped_images, label_list=shifted,
-                                    rad=settings.fusion_radius, verbose=False)
-    labels = np.clip(np.rint(fused["segmentation"].numpy()) - 1, 0, None).astype(np.int16)
+    if len(warped_labels) == 1:  # nothing to fuse (antspyx's joint label fusion needs two atlases at least)
+        labels = np.rint(warped_labels[0].numpy()).astype(np.int16)
+    else:
+        # Background is fused as a label of its own (numbers shifted by one): joint label fusion only
+        # chooses among non-zero labels, and would give every masked voxel a brain structure.
+        shifted = [lab + 1 for lab in warped_labels]
+        fused = ants.joint_label_fusion(target, mask, atlas_list=warped_images, label_list=shifted,
+                                        rad=settings.fusion_radius, verbose=False)
+        labels = np.clip(np.rint(fused["segmentation"].numpy()) - 1, 0, None).astype(np.int16)
     affine = nib.load(str(volume_path)).affine
     return labels, affine
 
@@ -257,9 +266,10 @@ def score_segmentation(pred: np.ndarray, truth: np.ndarray, spacing_mm: Sequence
 def segment_file(volume_path: str | os.PathLike, output_labels: str | os.PathLike, settings: SegmentationSettings, *,
                  subject: str | None = None) -> np.ndarray:
     """Segment a NIfTI volume and write the label map (int16, the volume's grid; atomic)."""
-    from gsvr.io.nifti import check_writable, load_image, save_mask
+    from gsvr.io.nifti import check_outputs, load_image, save_mask
 
-    check_writable(output_labels)
+    atlas_files = [Path(a) / name for a in settings.atlases for name in ("srr.nii.gz", "parcellation.nii.gz")]
+    check_outputs({"--output-labels": output_labels}, inputs=[volume_path, *atlas_files], nifti=["--output-labels"])
     load_image(volume_path, what="volume")  # clear error for a missing, unreadable or non-3D file
     labels, affine = segment(volume_path, settings, subject=subject)
     save_mask(output_labels, labels, affine, dtype=np.int16)

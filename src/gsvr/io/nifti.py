@@ -157,6 +157,8 @@ def load_mask(path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray,
     warning when it holds values strictly between 0 and 1), through world coordinates when its grid differs
     (see :func:`match_mask_to_stack`)."""
     data, mask_affine = load_image(path, what=what)
+    if not (data > 0.5).any():  # before any resampling warning: the error is the one line
+        raise GsvrError(f"{path}: {what} is empty (no voxel > 0.5)")
     fractional = (data > 0) & (data < 1)
     if fractional.any():
         warnings.warn(f"{path}: {what} is not binary ({int(fractional.sum())} voxels strictly between 0 and 1); "

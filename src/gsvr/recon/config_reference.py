@@ -222,8 +222,13 @@ def write_references(root: Path) -> None:
 
 def migrate_yaml(path: str | Path) -> str:
     """A reconstruction config file in the flat layout of gsvr 0.1, rewritten in sections."""
-    nested = nest_flat(read_yaml(path))
-    ReconConfig.from_dict(nested, source=str(path))  # the result must be valid
+    flat = read_yaml(path)
+    try:
+        nested = nest_flat(flat)
+        ReconConfig.from_dict(nested, source=str(path))  # the result must be valid
+    except GsvrError as exc:  # name the file the problem is in
+        message = str(exc)
+        raise GsvrError(message if message.startswith(f"{path}:") else f"{path}: {message.removeprefix('config: ')}") from exc
     return yaml.safe_dump(nested, sort_keys=False)
 
 

@@ -24,8 +24,14 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as exc:  # its text spans several lines: say where and what, on one
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise GsvrError(f"{path}: reconstruction config is not valid YAML ({where}{exc.problem or exc.context})") from exc
     except (OSError, yaml.YAMLError) as exc:
-        raise GsvrError(f"{path}: cannot read reconstruction config ({exc})") from exc
+        raise GsvrError(f"{path}: cannot read reconstruction config ({' '.join(str(exc).split())})") from exc
+    except UnicodeDecodeError as exc:
+        raise GsvrError(f"{path}: reconstruction config is not a text file ({exc.reason} at byte {exc.start})") from exc
     if not isinstance(values, dict):
         raise GsvrError(f"{path}: reconstruction config must be a mapping of section: settings")
     return values

@@ -85,6 +85,8 @@ def save_model(path: str | Path, model: dict) -> None:
 
 def load_model(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise GsvrError(f"{path}: model is a folder, not a model file")
     if not path.is_file():
         raise GsvrError(f"{path}: model file does not exist")
     try:

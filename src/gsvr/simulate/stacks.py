@@ -22,6 +22,9 @@ from scipy.spatial.transform import Rotation
 from gsvr.errors import GsvrError
 from gsvr.ops.psf import psf_sigmas_mm
 
+#: The most voxels a simulated stack may have (a clinical stack has about 10^6; 2 GB as float32).
+MAX_STACK_VOXELS = 500_000_000
+
 
 @dataclass(frozen=True)
 class SimulationConfig:
@@ -126,6 +129,9 @@ def simulate_stacks(volume: np.ndarray, mask: np.ndarray, affine: np.ndarray, cf
 
     n_xy = int(np.ceil((cfg.inplane_fov_mm or 2 * radius) / cfg.inplane_spacing_mm))
     n_z = cfg.n_slices or int(np.ceil(2 * radius / spacing_z))
+    if n_xy * n_xy * n_z > MAX_STACK_VOXELS:
+        raise GsvrError(f"simulation: stacks of {n_xy}x{n_xy}x{n_z} voxels are too large (more than {MAX_STACK_VOXELS}); "
+                        "a larger inplane_spacing_mm or slice spacing makes them smaller")
     stacks, rows = [], []
     for k in range(cfg.n_stacks):
         rot = _orientation(k)
