@@ -32,6 +32,25 @@ def test_bad_input_exits_nonzero_with_one_line_naming_the_file(tmp_path, capsys)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
+def test_a_stack_without_positive_intensities_is_named_with_its_folder(tmp_path, capsys):
+    """Two clinic folders hold files of the same name: the error must say which one is dark."""
+    stacks = []
+    for day in ("day1", "day2"):
+        (tmp_path / day).mkdir()
+        stacks.append(tmp_path / day / "ax.nii.gz")
+        _stack(stacks[-1])
+    nib.save(nib.Nifti1Image(-np.ones((12, 12, 6), np.float32), np.diag([1.0, 1.0, 3.0, 1.0])), stacks[1])
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((12, 12, 6), np.uint8), np.diag([1.0, 1.0, 3.0, 1.0])), mask)
+    (tmp_path / "cfg.yaml").write_text("align: null\n")
+    code = main(["reconstruct", "--input-stacks", *map(str, stacks), "--stack-masks", str(mask), str(mask),
+                 "--config", str(tmp_path / "cfg.yaml"),
+                 "--output-volume", str(tmp_path / "o.nii.gz"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(stacks[1]) in err[0] and str(stacks[0]) not in err[0], err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
 def test_unwritable_output_folder_is_reported_before_any_work(tmp_path, capsys):
     _stack(tmp_path / "s.nii.gz")
     code = main(["reconstruct", "--input-stacks", str(tmp_path / "s.nii.gz"), "--output-volume", str(tmp_path / "missing" / "o.nii.gz")])

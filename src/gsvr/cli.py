@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_input_flags(a)
     a.add_argument("--method", choices=("gsvr", "svr_classic", "stack_average"), default="gsvr", help="reconstruction method assessed")
     a.add_argument("--output-tsv", metavar="TSV", help="one row per left-out stack, then the mean")
+    a.add_argument("--full-run-slices", metavar="TSV",
+                   help="slices.tsv of a reconstruction of these stacks with the same method and settings: the "
+                        "left-out folds start from its motions (default: the assessment reconstructs from all stacks first)")
     a.set_defaults(func=_assess)
 
     s = sub.add_parser("sample-volume", help="render a saved model at any resolution")
@@ -209,10 +212,11 @@ def _assess(args: argparse.Namespace) -> int:
     from gsvr.evaluate.assess import assess_files
     from gsvr.io.nifti import check_outputs
 
-    inputs = [*args.input_stacks, *(args.stack_masks or ()), *(p for p in (args.config, getattr(args, "full_run_slices", None)) if p)]
+    inputs = [*args.input_stacks, *(args.stack_masks or ()), *(p for p in (args.config, args.full_run_slices) if p)]
     check_outputs({"--output-tsv": args.output_tsv}, inputs=inputs)
     table = assess_files(args.input_stacks, args.stack_masks, args.thicknesses, _recon_config(args),
-                         method=args.method, output_tsv=args.output_tsv, progress=not args.no_progress)
+                         method=args.method, output_tsv=args.output_tsv, progress=not args.no_progress,
+                         full_motion_tsv=args.full_run_slices)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 

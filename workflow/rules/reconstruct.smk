@@ -31,7 +31,8 @@ def runtime(wildcards):
 
 
 def assess_runtime(wildcards):
-    """Minutes: one reconstruction per stack."""
+    """Minutes: one reconstruction per stack (a fold, which starts from the full run's motions, costs less: an
+    upper bound)."""
     return runtime_min(*METHOD_SETTINGS[wildcards.method], runs=n_stacks(wildcards))
 
 
@@ -62,10 +63,12 @@ rule reconstruct:
         "../scripts/reconstruct.py"
 
 
-# Acquired subjects: leave-one-stack-out self-consistency (one reconstruction per stack).
+# Acquired subjects: leave-one-stack-out self-consistency, one fold per stack, each starting from the slice motions
+# of the method's reconstruction of all stacks (its slices.tsv).
 rule assess:
     input:
         unpack(preprocessed),
+        full_run="results/{subject}/{method}/slices.tsv",
     output:
         "results/{subject}/{method}/assess.tsv",
     params:

@@ -42,9 +42,10 @@ class Stack:
         mask: [X, Y, Z] bool brain mask on the same grid.
         affine: [4, 4] float64 voxel -> world (RAS+ mm).
         thickness_mm: slice thickness (FWHM of the through-plane PSF).
-        name: where the stack came from (for messages and tables).
+        name: the stack's short name (its file name; for logs and tables).
         alignment: [4, 4] rigid world transform that stack alignment applied to the header
             (``affine`` = alignment @ the input affine); None when the stack was not moved.
+        path: the file it was read from, as given (None for a stack made in memory).
     """
 
     data: np.ndarray
@@ -53,6 +54,12 @@ class Stack:
     thickness_mm: float
     name: str = "stack"
     alignment: np.ndarray | None = None
+    path: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What an error message names: the file as given (folder included), else the name."""
+        return self.path or self.name
 
     @property
     def spacing_mm(self) -> np.ndarray:
@@ -149,7 +156,8 @@ def load_stack(
         affine[:3, :3] = affine[:3, :3][:, order]
     if not mask.any():
         raise GsvrError(f"{mask_path}: mask is empty (no voxel > 0 on the stack grid of {stack_path})")
-    return Stack(data=data, mask=mask, affine=affine, thickness_mm=float(thickness_mm), name=Path(stack_path).name)
+    return Stack(data=data, mask=mask, affine=affine, thickness_mm=float(thickness_mm), name=Path(stack_path).name,
+                 path=str(stack_path))
 
 
 def load_mask(path: str | os.PathLike, shape: Sequence[int], affine: np.ndarray, *, what: str = "mask") -> np.ndarray:

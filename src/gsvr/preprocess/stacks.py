@@ -58,7 +58,7 @@ def crop_to_mask(stack: Stack, margin_mm: float, *, drop_empty_slices: bool = Tr
     at both ends (not inside, to keep the slice spacing) unless ``drop_empty_slices`` is False
     (slice indices then stay those of the input). The affine follows the crop."""
     if not stack.mask.any():
-        raise GsvrError(f"{stack.name}: mask is empty")
+        raise GsvrError(f"{stack.label}: mask is empty")
     idx = np.argwhere(stack.mask)
     lo, hi = idx.min(0), idx.max(0) + 1
     margin = np.ceil(margin_mm / stack.spacing_mm[:2]).astype(int)
@@ -98,7 +98,7 @@ def standardise_intensities(stacks: Sequence[Stack], quantile: float = 0.99) -> 
     """Scale every stack so its in-mask ``quantile`` equals the median of those quantiles."""
     levels = np.array([np.quantile(s.data[s.mask], quantile) for s in stacks])
     if (levels <= 0).any():
-        bad = stacks[int(np.argmin(levels))].name
+        bad = stacks[int(np.argmin(levels))].label
         raise GsvrError(f"{bad}: the in-mask {quantile:.2f} quantile is not positive")
     target = float(np.median(levels))
     return [dataclasses.replace(s, data=(s.data * np.float32(target / lv)).astype(np.float32)) for s, lv in zip(stacks, levels)]

@@ -25,10 +25,10 @@ from gsvr.recon.volume import save_model
 log = logging.getLogger("gsvr")
 
 
-def _classic(stacks, config, *, progress):
+def _classic(stacks, config, *, progress, initial_motion=None):
     from gsvr.baselines import reconstruct_classic
 
-    return reconstruct_classic(stacks, config, progress=progress)
+    return reconstruct_classic(stacks, config, progress=progress, initial_motion=initial_motion)
 
 
 def _stack_average(stacks, config, *, progress):
@@ -160,11 +160,13 @@ def assess_method_files(
     source: str = "method",
     progress: Progress = "log",
     device: str | None = None,
+    full_run_slices: str | None = None,
 ):
     """Leave-one-stack-out assessment (:func:`gsvr.evaluate.assess.assess_files`) of one of gsvr's own
     methods (settings as :func:`check_method_settings` takes them; external tools are refused);
-    ``stacks``, ``progress`` and ``device`` as in :func:`run_method_files`. Returns the table, written to
-    ``output_tsv`` atomically."""
+    ``stacks``, ``progress`` and ``device`` as in :func:`run_method_files`; ``full_run_slices``: the slice table of
+    the method's reconstruction of these stacks (the folds start from it; without it, the assessment makes that
+    reconstruction first). Returns the table, written to ``output_tsv`` atomically."""
     from gsvr.evaluate.assess import assess_files
 
     engine, parsed = check_method_settings(settings, source)
@@ -173,7 +175,8 @@ def assess_method_files(
     if device:
         parsed = parsed.updated({"run.device": device}, source=source)
     stacks, masks = stack_paths(stacks, masks)
-    return assess_files(stacks, masks, thicknesses, parsed, method=engine, output_tsv=output_tsv, progress=progress)
+    return assess_files(stacks, masks, thicknesses, parsed, method=engine, output_tsv=output_tsv, progress=progress,
+                        full_motion_tsv=full_run_slices)
 
 
 __all__ = ["METHODS", "assess_method_files", "reconstruct_files", "run_method_files"]

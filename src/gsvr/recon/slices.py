@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -91,7 +92,7 @@ def build_slice_data(stacks: Sequence[Stack], *, quantile: float, device: torch.
         masked = np.concatenate([s.data[s.mask] for s in stacks])
         scale = float(np.quantile(masked, quantile))
         if not np.isfinite(scale) or scale <= 0:
-            names = ", ".join(s.name for s in stacks)
+            names = ", ".join(s.label for s in stacks)
             raise GsvrError(f"{names}: the {quantile} quantile of in-mask intensities is {scale}; the stacks are empty or non-positive inside their masks")
         origin = np.concatenate([_world(s.affine, np.argwhere(s.mask)) for s in stacks]).mean(0)
 
@@ -223,6 +224,28 @@ def set_header_motion(data: SliceData, motion: SliceMotion, stacks: Sequence[Sta
 MOTION_KEY = ["stack_index", "slice_index"]
 
 
+#: the columns of a slice table that give a slice's motion (with ``MOTION_KEY``)
+MOTION_COLUMNS = ["rx_deg", "ry_deg", "rz_deg", "cx_mm", "cy_mm", "cz_mm", "tx_mm", "ty_mm", "tz_mm"]
+
+
+def read_slice_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A slice table (``slices.tsv`` of a reconstruction, ``motions.tsv`` of a simulation) read from ``path``;
+    a missing or unreadable file, a missing column or a non-finite motion is a :class:`GsvrError` naming it."""
+    try:
+        table = pd.read_csv(path, sep="\t")
+    except FileNotFoundError:
+        raise GsvrError(f"{path}: slice table does not exist") from None
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise GsvrError(f"{path}: not a readable slice table ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in MOTION_KEY + MOTION_COLUMNS if c not in table.columns]
+    if missing:
+        raise GsvrError(f"{path}: not a slice table of gsvr (slices.tsv): missing columns {', '.join(missing)}")
+    values = table[MOTION_KEY + MOTION_COLUMNS].apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    if not np.isfinite(values).all():
+        raise GsvrError(f"{path}: slice table has missing or non-finite motion values")
+    return table
+
+
 def table_motion(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """R [M, 3, 3], c [M, 3], t [M, 3] of each row of a slice table (``slices.tsv`` format)."""
     rot = Rotation.from_rotvec(np.radians(table[["rx_deg", "ry_deg", "rz_deg"]].to_numpy(float))).as_matrix()
@@ -232,8 +255,7 @@ def table_motion(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def set_motion_from_table(data: SliceData, motion: SliceMotion, stacks: Sequence[Stack], table: pd.DataFrame) -> None:
     """Set every slice's motion from a slice table (``slices.tsv`` of an earlier run, or a simulation's true
     motions), matched by stack and slice index; a slice the table lacks is an error."""
-    missing = [c for c in MOTION_KEY + ["rx_deg", "ry_deg", "rz_deg", "cx_mm", "cy_mm", "cz_mm", "tx_mm", "ty_mm", "tz_mm"]
-               if c not in table.columns]
+    missing = [c for c in MOTION_KEY + MOTION_COLUMNS if c not in table.columns]
     if missing:
         raise GsvrError(f"slice motion table: missing columns {', '.join(missing)}")
     rows = table.set_index(MOTION_KEY)
@@ -250,7 +272,7 @@ def downsample_inplane(stack: Stack, factor: int = 2) -> Stack:
     is in the mask when most of it is; slices and thickness are kept."""
     nx, ny, nz = (stack.data.shape[0] // factor) * factor, (stack.data.shape[1] // factor) * factor, stack.data.shape[2]
     if nx == 0 or ny == 0:
-        raise GsvrError(f"{stack.name}: too small to downsample in plane by {factor}")
+        raise GsvrError(f"{stack.label}: too small to downsample in plane by {factor}")
 
     def blocks(a: np.ndarray) -> np.ndarray:
         return a[:nx, :ny].reshape(nx // factor, factor, ny // factor, factor, nz).mean((1, 3))

@@ -24,7 +24,7 @@ def run(state: ReconState, cfg: PreprocessConfig) -> ReconState:
 def prepare(stacks: Sequence[Stack], cfg: PreprocessConfig) -> list[Stack]:
     """The preprocessed stacks; slice indices stay those of the input stacks."""
     if len(stacks) == 1:
-        warnings.warn(f"{stacks[0].name}: a single stack cannot resolve its own through-plane detail or slice motion "
+        warnings.warn(f"{stacks[0].label}: a single stack cannot resolve its own through-plane detail or slice motion "
                       "along its slice normal; the volume is a motion-corrected super-resolution of one stack "
                       "(acquire at least 2, better 3 orthogonal stacks)", stacklevel=3)
     out = preprocess_stacks(stacks, cfg, drop_empty_slices=False)
@@ -47,5 +47,5 @@ def check_overlap(stacks: Sequence[Stack]) -> None:
     for i, (lo, hi) in enumerate(boxes):
         others = [b for j, b in enumerate(boxes) if j != i]
         if not any(np.all(lo <= o_hi) and np.all(o_lo <= hi) for o_lo, o_hi in others):
-            raise GsvrError(f"{stacks[i].name}: its mask does not overlap any other stack's mask in world space "
+            raise GsvrError(f"{stacks[i].label}: its mask does not overlap any other stack's mask in world space "
                             "(wrong header, wrong mask, or a stack of another subject)")
