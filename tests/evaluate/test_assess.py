@@ -66,8 +66,16 @@ def test_slices_registered_from_their_own_starts_fit_motion_beyond_the_capture_r
     stack = stacks_from_simulation(sim)[0]
     cfg = ReconConfig.from_dict(FAST)
     plain = slice_registered_fit(vol, affine, stack, np.eye(4), cfg)
-    started = slice_registered_fit(vol, affine, stack, np.eye(4), cfg, slice_starts=slice_maps(sim.motions[sim.motions["stack_index"] == 0]))
+    maps = slice_maps(sim.motions[sim.motions["stack_index"] == 0])
+    started = slice_registered_fit(vol, affine, stack, np.eye(4), cfg, slice_starts=maps)
     assert started[0] > 0.95 and started[0] > plain[0] + 0.02, (started, plain)
+    # The same with the volume moved by T (a translation: the grid stays axis-aligned): the stack's pose is T^-1
+    # and each slice's start T o A_z.
+    shift = np.eye(4)
+    shift[:3, 3] = [7.0, -4.0, 3.0]
+    moved = slice_registered_fit(vol, shift @ affine, stack, np.linalg.inv(shift), cfg,
+                                 slice_starts={z: shift @ m for z, m in maps.items()})
+    assert abs(moved[0] - started[0]) < 0.01, (moved, started)
 
 
 @pytest.mark.slow
@@ -79,7 +87,8 @@ def test_leave_one_stack_out_places_stacks_turned_like_a_head_between_stacks(sma
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, stack_rotation_deg=15.0, motion_rotation_deg=1.0,
                                                               motion_translation_mm=0.75, seed=4, **SIM))
     stacks = stacks_from_simulation(sim)
-    cfg = ReconConfig.from_dict({key: value for key, value in FAST.items() if key != "align"})  # default alignment
+    # Stack alignment on (a multi-start up to 45 deg: the turns here stay below; the default 90 costs twice the starts).
+    cfg = ReconConfig.from_dict({**FAST, "align": {"max_angle_deg": 45.0}})
     table = assess_stacks(stacks, cfg, method="svr_classic", progress=False)
     assert list(table["stack"]) == ["s0", "s1", "s2", "mean"]
     assert np.isfinite(table.drop(columns="stack").to_numpy(float)).all()
@@ -148,17 +157,29 @@ def test_a_stacks_pose_is_the_rigid_motion_its_slices_share_and_ignores_rejected
 
 def test_a_full_run_slice_table_of_other_stacks_is_refused_in_one_line(small_subject, tmp_path, capsys):
     import nibabel as nib
+    import pandas as pd
 
     paths = []
     for k, s in enumerate(_stacks(small_subject, 0.0)):
         paths.append(str(tmp_path / f"s{k}.nii.gz"))
         nib.save(nib.Nifti1Image(s.data, s.affine), paths[-1])
-    bad = {"two_stacks.tsv": _slice_table([3, 3]).to_csv(sep="\t", index=False),
-           "no_motion.tsv": "stack_index\tslice_index\n0\t0\n", "nan.tsv": _slice_table([3, 3, 3], trans=(np.nan, 0, 0)).to_csv(sep="\t", index=False)}
-    for name, text in bad.items():
-        (tmp_path / name).write_text(text)
+    depth = [nib.load(p).shape[2] for p in paths]
+    good = _slice_table(depth)
+    good["stack"] = [f"s{k}.nii.gz" for k in good["stack_index"]]
+    reordered = good.copy()
+    reordered["stack"] = [f"s{(k + 1) % 3}.nii.gz" for k in good["stack_index"]]
+    beyond = good.copy()
+    beyond.loc[0, "slice_index"] = depth[0] + 5
+    bad = {"two_stacks.tsv": _slice_table([3, 3]), "reordered.tsv": reordered, "beyond.tsv": beyond,
+           "short.tsv": good[good["slice_index"] != depth[1] // 2], "twice.tsv": pd.concat([good, good.iloc[:1]]),
+           "nan.tsv": _slice_table([3, 3, 3], trans=(np.nan, 0, 0))}
+    for name, table in bad.items():
+        table.to_csv(tmp_path / name, sep="\t", index=False)
+    (tmp_path / "no_motion.tsv").write_text("stack_index\tslice_index\n0\t0\n")
+    (tmp_path / "ragged.tsv").write_text("stack_index\tslice_index\n0\t0\n0\t1\t1\t2\n")  # pandas: "saw 4\n"
     for name, word in (("two_stacks.tsv", "stacks [0, 1]"), ("no_motion.tsv", "missing columns"), ("nan.tsv", "non-finite"),
-                       ("absent.tsv", "does not exist")):
+                       ("absent.tsv", "does not exist"), ("reordered.tsv", "in the order"), ("beyond.tsv", "outside"),
+                       ("short.tsv", "no row for slice"), ("twice.tsv", "more than one row"), ("ragged.tsv", "not a readable")):
         code = main(["assess", "--input-stacks", *paths, "--full-run-slices", str(tmp_path / name), "--output-tsv",
                      str(tmp_path / "a.tsv"), "--no-progress"])
         err = capsys.readouterr().err.strip().splitlines()

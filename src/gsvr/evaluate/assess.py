@@ -114,7 +114,7 @@ def assess_stacks(stacks: Sequence[Stack], config: ReconConfig | None = None, *,
 
     cfg = config or ReconConfig()
     if len(stacks) < 2:
-        raise GsvrError(f"{stacks[0].name if stacks else 'no stack'}: leave-one-stack-out assessment needs at least 2 stacks")
+        raise GsvrError(f"{stacks[0].label if stacks else 'no stack'}: leave-one-stack-out assessment needs at least 2 stacks")
     if method not in METHODS:
         raise GsvrError(f"unknown method {method!r}; known: {sorted(METHODS)}")
     if full_motion is None:
@@ -122,7 +122,7 @@ def assess_stacks(stacks: Sequence[Stack], config: ReconConfig | None = None, *,
         log.info("assess: reconstructing from all %d stacks", len(stacks))
         full_motion = METHODS[method](stacks, cfg, progress=progress).slices
         log.info("assess: full reconstruction in %.1f s", time.perf_counter() - t0)
-    fold_cfg = fold_config(cfg)
+    fold_cfg = fold_config(cfg, method)
     rows = []
     for i, left_out in enumerate(stacks):
         t0 = time.perf_counter()
@@ -161,12 +161,38 @@ def assess_stacks(stacks: Sequence[Stack], config: ReconConfig | None = None, *,
     return pd.concat([table, pd.DataFrame([{"stack": "mean", **mean.to_dict()}])], ignore_index=True)
 
 
-def fold_config(cfg: ReconConfig) -> ReconConfig:
+def fold_config(cfg: ReconConfig, method: str = "gsvr") -> ReconConfig:
     """The settings of a fold: ``cfg`` without stack alignment, with one SVR cycle at its finest spacing that
-    registers slices (the motions start from the full run's)."""
-    svr = cfg.svr and dataclasses.replace(cfg.svr, spacings_mm=cfg.svr.spacings_mm[-1:], stack_spacings_mm=(),
-                                          translation_only_cycles=0)
+    registers slices (the motions start from the full run's). gsvr without SVR cycles (``svr: null``, the joint
+    stage from the headers) keeps none; svr_classic always runs cycles (defaults when null)."""
+    svr = cfg.svr if cfg.svr is not None or method != "svr_classic" else SvrSettings()
+    svr = svr and dataclasses.replace(svr, spacings_mm=svr.spacings_mm[-1:], stack_spacings_mm=(), translation_only_cycles=0)
     return dataclasses.replace(cfg, align=None, svr=svr)
+
+
+def check_full_run(table: pd.DataFrame, stacks: Sequence[Stack], source: str) -> None:
+    """Refuse a slice table that is not of a run of these stacks (in this order): stack names, slice indices in
+    range, one row per slice, a row for every slice with mask. Errors name ``source``."""
+    keys = table[["stack_index", "slice_index"]]
+    if not np.all(np.mod(keys.to_numpy(float), 1) == 0):
+        raise GsvrError(f"{source}: stack_index and slice_index must be whole numbers")
+    found = sorted(set(table["stack_index"].astype(int)))
+    if found != list(range(len(stacks))):
+        raise GsvrError(f"{source}: its slices come from stacks {found}, not from the {len(stacks)} stacks given "
+                        f"(0..{len(stacks) - 1}): a slices.tsv of another run")
+    if keys.duplicated().any():
+        raise GsvrError(f"{source}: more than one row for a slice (e.g. stack {keys[keys.duplicated()].iloc[0].tolist()})")
+    for k, stack in enumerate(stacks):
+        rows = table[table["stack_index"] == k]
+        if "stack" in rows and (rows["stack"].astype(str) != stack.name).any():
+            raise GsvrError(f"{source}: stack {k} is {rows['stack'].iloc[0]} there, {stack.name} here: give the stacks "
+                            "in the order of that run")
+        have = set(rows["slice_index"].astype(int))
+        need = set(np.flatnonzero(stack.mask.any(axis=(0, 1))).tolist())
+        outside = sorted(z for z in have if not 0 <= z < stack.data.shape[2])
+        if outside or not need <= have:
+            what = f"slice {outside[0]} outside" if outside else f"no row for slice {min(need - have)} of"
+            raise GsvrError(f"{source}: {what} {stack.label} ({stack.data.shape[2]} slices): a slices.tsv of another run")
 
 
 def fold_motion(table: pd.DataFrame, left_out: int) -> pd.DataFrame:
@@ -240,11 +266,10 @@ def assess_files(stacks: Sequence[str], masks: Sequence[str] | None, thicknesses
     if output_tsv:
         check_writable(output_tsv)
     full_motion = read_slice_table(full_motion_tsv) if full_motion_tsv else None
-    if full_motion is not None and set(full_motion["stack_index"]) != set(range(len(stacks))):
-        raise GsvrError(f"{full_motion_tsv}: its slices come from stacks {sorted(set(full_motion['stack_index']))}, "
-                        f"not from the {len(stacks)} stacks given (0..{len(stacks) - 1}): a slices.tsv of another run")
-    table = assess_stacks(load_stacks(stacks, masks, thicknesses), config, method=method, progress=progress,
-                          full_motion=full_motion)
+    loaded = load_stacks(stacks, masks, thicknesses)
+    if full_motion is not None:
+        check_full_run(full_motion, loaded, str(full_motion_tsv))
+    table = assess_stacks(loaded, config, method=method, progress=progress, full_motion=full_motion)
     if output_tsv:
         with atomic_output(output_tsv) as tmp:
             table.to_csv(tmp, sep="\t", index=False, float_format="%.5g")
@@ -290,9 +315,11 @@ def slice_registered_fit(volume: np.ndarray, affine: np.ndarray, stack: Stack, t
     return compare_pixels(fitted.numpy(), data.y.double().numpy())
 
 
-def per_slice_intensity_fit(pred: torch.Tensor, y: torch.Tensor, slice_idx: torch.Tensor, n_slices: int) -> torch.Tensor:
+def per_slice_intensity_fit(pred: torch.Tensor, y: torch.Tensor, slice_idx: torch.Tensor, n_slices: int, *,
+                            min_pixels: int = 20) -> torch.Tensor:
     """``pred`` [P] mapped by each slice's least-squares linear intensity fit to ``y`` [P] (the acquisition model's
-    slice intensity scale, and an offset): two parameters per slice against its hundreds of pixels."""
+    slice intensity scale, and an offset): two parameters per slice against its hundreds of pixels; slices with
+    fewer than ``min_pixels`` pixels get the fit over all pixels."""
     n = torch.bincount(slice_idx, minlength=n_slices).double().clamp_min(1)
 
     def mean(v: torch.Tensor) -> torch.Tensor:
@@ -302,6 +329,11 @@ def per_slice_intensity_fit(pred: torch.Tensor, y: torch.Tensor, slice_idx: torc
     var = (mean(pred * pred) - mp * mp).clamp_min(1e-12)
     a = (mean(pred * y) - mp * my) / var
     b = my - a * mp
+    # A slice with few pixels (a brain edge) would fit almost exactly: it gets the stack-wide fit instead.
+    few = n < min_pixels
+    a_all = ((pred - pred.mean()) * (y - y.mean())).mean() / (pred.var(unbiased=False).clamp_min(1e-12))
+    a = torch.where(few, a_all, a)
+    b = torch.where(few, y.mean() - a_all * pred.mean(), b)
     return a[slice_idx] * pred + b[slice_idx]
 
 
@@ -336,4 +368,4 @@ def _register(volume: np.ndarray, affine: np.ndarray, stack: Stack, pose: np.nda
 
 
 __all__ = ["ASSESS_COLUMNS", "assess_files", "assess_stacks", "compare_pixels", "fold_config", "fold_motion", "frame_change",
-           "per_slice_intensity_fit", "simulate_stack", "slice_maps", "slice_registered_fit", "stack_pose"]
+           "check_full_run", "per_slice_intensity_fit", "simulate_stack", "slice_maps", "slice_registered_fit", "stack_pose"]

@@ -236,7 +236,7 @@ def read_slice_table(path: str | os.PathLike) -> pd.DataFrame:
     except FileNotFoundError:
         raise GsvrError(f"{path}: slice table does not exist") from None
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise GsvrError(f"{path}: not a readable slice table ({type(exc).__name__}: {exc})") from None
+        raise GsvrError(f"{path}: not a readable slice table ({type(exc).__name__}: {' '.join(str(exc).split())})") from None
     missing = [c for c in MOTION_KEY + MOTION_COLUMNS if c not in table.columns]
     if missing:
         raise GsvrError(f"{path}: not a slice table of gsvr (slices.tsv): missing columns {', '.join(missing)}")
