@@ -19,7 +19,8 @@ The left-out stack keeps its own slice motion, which the stack-level registratio
 every left-out slice to the (fixed) volume first (the Gauss-Newton slice-to-volume registration of
 the SVR cycles, 6 parameters per slice against hundreds of pixels, from the stack's pose and from the
 full run's motion of the slice, the better kept) and fit each slice's intensity scale and offset, as the
-acquisition model does: they measure how well the volume explains new slices. Both are comparable between methods on the same data, not with ground-truth PSNR.
+acquisition model does: they measure how well the volume explains new slices. Both are comparable between
+methods on the same data, not with ground-truth PSNR.
 
 What the full run leaks into a fold: the other stacks' motions were estimated with the left-out stack in the
 volume (the fold's SVR cycle refines them without it), and the left-out stack's pose starts the registration.
@@ -128,15 +129,16 @@ def assess_stacks(stacks: Sequence[Stack], config: ReconConfig | None = None, *,
         t0 = time.perf_counter()
         others = [s for j, s in enumerate(stacks) if j != i]
         log.info("assess: reconstructing without %s (%d/%d)", left_out.name, i + 1, len(stacks))
+        others_motion = fold_motion(full_motion, i)
         if method == "stack_average":  # header geometry: the full run's frame already
             result = METHODS[method](others, cfg, progress=progress)
         else:
-            result = METHODS[method](others, fold_cfg, progress=progress, initial_motion=fold_motion(full_motion, i))
+            result = METHODS[method](others, fold_cfg, progress=progress, initial_motion=others_motion)
         elapsed = time.perf_counter() - t0
         vol = result.volume
         # The fold keeps its own frame (the SVR cycles pin the mean motion of *its* slices to the headers): carry the
         # left-out stack's full-run pose over by the rigid map between the two runs' positions of the other slices.
-        to_fold = frame_change(fold_motion(full_motion, i), result.slices, others)
+        to_fold = frame_change(others_motion, result.slices, others)
         acquired = left_out.data[left_out.mask].astype(np.float64)
         # Stack level: the full run's pose, refined; or (with stack alignment) a multi-start search from the header,
         # where the full run failed to place the stack. The better correlation wins.
