@@ -259,21 +259,19 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import os
-
     import numpy as np
 
-    from gsvr.io.nifti import GRID_TOLERANCE_MM, load_image
+    from gsvr.io.nifti import GRID_TOLERANCE_MM, load_image, overwritten_input
     from gsvr.simulate.stacks import SimulationConfig, simulate_stacks, write_simulation
 
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise GsvrError(f"{args.output_dir}: --output-dir is a file, not a folder")
     outputs = [out / "motions.tsv", *(out / f"stack{k}{e}.nii.gz" for k in range(max(args.n_stacks, 0)) for e in ("", "_mask"))]
-    for source in map(Path, (args.input_volume, args.input_mask)):
-        for path in outputs:
-            if path.resolve() == source.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source)):
-                raise GsvrError(f"{path}: this output would overwrite the input {source}; give another --output-dir")
+    for path in outputs:
+        source = overwritten_input(path, (args.input_volume, args.input_mask))
+        if source is not None:
+            raise GsvrError(f"{path}: this output would overwrite the input {source}; give another --output-dir")
     vol, aff = load_image(args.input_volume, what="volume")
     mask, mask_aff = load_image(args.input_mask, what="mask")
     if mask.shape != vol.shape:

@@ -260,10 +260,18 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None], *, inputs: Seque
         if key in seen:
             raise GsvrError(f"{path}: given to both {seen[key]} and {flag}; each output needs its own file")
         seen[key] = flag
+    for flag, path in given.items():
+        if overwritten_input(path, inputs) is not None:
+            raise GsvrError(f"{path}: {flag} names an input file; it would be overwritten")
+
+
+def overwritten_input(output: str | os.PathLike, inputs: Sequence[str | os.PathLike]) -> Path | None:
+    """The input that writing ``output`` would overwrite (the same path, or the same file under another name), or None."""
+    path = Path(output)
     for source in map(Path, inputs):
-        for flag, path in given.items():
-            if path.resolve() == source.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source)):
-                raise GsvrError(f"{path}: {flag} names an input file; it would be overwritten")
+        if path.resolve() == source.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source)):
+            return source
+    return None
 
 
 _HOST = socket.gethostname().replace(".", "_")

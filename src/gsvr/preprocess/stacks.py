@@ -123,16 +123,16 @@ def preprocess_files(stacks: Sequence[str], masks: Sequence[str] | None, output_
     """Load, preprocess and write stacks and masks (each file written atomically; all inputs are
     checked before anything is written)."""
     from gsvr.io import load_stacks, save_volume
-    from gsvr.io.nifti import check_writable, save_mask
+    from gsvr.io.nifti import check_writable, overwritten_input, save_mask
 
     if len(output_stacks) != len(stacks) or len(output_masks) != len(stacks):
         raise GsvrError(f"{len(stacks)} stacks but {len(output_stacks)} output stacks and {len(output_masks)} output masks")
-    inputs = [Path(p) for p in (*stacks, *(masks or ()))]
-    for path in map(Path, (*output_stacks, *output_masks)):
+    inputs = [*stacks, *(masks or ())]
+    for path in (*output_stacks, *output_masks):
         check_writable(path)
-        for source in inputs:
-            if path.resolve() == source.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source)):
-                raise GsvrError(f"{path}: this output would overwrite the input {source}; write the outputs to another folder")
+        source = overwritten_input(path, inputs)
+        if source is not None:
+            raise GsvrError(f"{path}: this output would overwrite the input {source}; write the outputs to another folder")
     out = preprocess_stacks(load_stacks(stacks, masks), config)
     for s, ps, pm in zip(out, output_stacks, output_masks):
         save_volume(ps, s.data, s.affine)
