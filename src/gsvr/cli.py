@@ -259,9 +259,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from gsvr.io.nifti import GRID_TOLERANCE_MM, load_image, overwritten_input
+    from gsvr.io.nifti import load_image, overwritten_input, same_grid
     from gsvr.simulate.stacks import SimulationConfig, simulate_stacks, write_simulation
 
     out = Path(args.output_dir)
@@ -276,7 +274,7 @@ def _simulate(args: argparse.Namespace) -> int:
     mask, mask_aff = load_image(args.input_mask, what="mask")
     if mask.shape != vol.shape:
         raise GsvrError(f"{args.input_mask}: mask shape {mask.shape} differs from volume shape {vol.shape}")
-    if np.abs(mask_aff - aff).max() >= GRID_TOLERANCE_MM:
+    if not same_grid(mask.shape, mask_aff, vol.shape, aff):
         raise GsvrError(f"{args.input_mask}: mask grid (its header's voxel-to-world affine) differs from the volume's")
     if not (mask > 0).any():
         raise GsvrError(f"{args.input_mask}: mask is empty")

@@ -184,11 +184,16 @@ def slice_axis_order(affine: np.ndarray) -> list[int]:
     return [a for a in range(3) if a != axis] + [axis]
 
 
+def same_grid(shape: Sequence[int], affine: np.ndarray, other_shape: Sequence[int], other_affine: np.ndarray) -> bool:
+    """Whether two images share their voxel grid: the same shape, affines within ``GRID_TOLERANCE_MM``."""
+    return tuple(shape) == tuple(other_shape) and float(np.abs(np.asarray(affine) - other_affine).max()) < GRID_TOLERANCE_MM
+
+
 def match_mask_to_stack(
     mask: np.ndarray, mask_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray, *, mask_path: object
 ) -> np.ndarray:
     """Return the mask on the stack grid (as is, or resampled nearest-neighbour)."""
-    if tuple(mask.shape) == tuple(shape) and np.abs(mask_affine - affine).max() < GRID_TOLERANCE_MM:
+    if same_grid(mask.shape, mask_affine, shape, affine):
         return mask
     # Resample: world position of each stack voxel -> mask voxel index (nearest).
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
