@@ -68,6 +68,32 @@ def test_preprocess_failure_leaves_no_output_folder(files, capsys):
                     "--output-dir", files["tmp"] / "new" / "out"], files, capsys, missing, "does not exist")
 
 
+def _disk_full_on_second_mask(monkeypatch, module):
+    """``module.save_mask`` (as gsvr.io.nifti exports it) raises ENOSPC from its second call on."""
+    import errno
+
+    from gsvr.io import nifti
+
+    calls = []
+
+    def save_mask(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return nifti.save_mask(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "save_mask", save_mask)
+
+
+def test_preprocess_disk_full_on_a_later_output_leaves_no_output(files, capsys, monkeypatch):
+    from gsvr.io import nifti
+
+    _disk_full_on_second_mask(monkeypatch, nifti)
+    (files["tmp"] / "out").mkdir()
+    _fails_cleanly(["preprocess", "--input-stacks", files["s1"], files["s2"], "--stack-masks", files["m1"], files["m2"],
+                    "--output-dir", files["tmp"] / "out"], files, capsys, "No space left on device")
+
+
 @pytest.mark.parametrize("stack, mask", [("s1", "m1"), ("m1", "m1")])
 def test_preprocess_into_the_input_folder_never_overwrites_an_input(files, capsys, stack, mask):
     """Outputs are <stack name>.nii.gz and <stack name>_mask.nii.gz: written beside the inputs, a stack or mask
@@ -156,6 +182,15 @@ def test_simulate_never_overwrites_its_input(files, capsys):
     volume.write_bytes(Path(files["vol"]).read_bytes())
     _fails_cleanly(_simulate(files, volume, files["volmask"], files["tmp"] / "sim"), files, capsys, volume,
                    "would overwrite the input")
+
+
+def test_simulate_disk_full_on_a_later_output_leaves_no_output(files, capsys, monkeypatch):
+    from gsvr.io import nifti
+
+    _disk_full_on_second_mask(monkeypatch, nifti)
+    (files["tmp"] / "sim").mkdir()
+    _fails_cleanly([*_simulate(files, files["vol"], files["volmask"], files["tmp"] / "sim")[:-6], "--n-stacks", "2",
+                    "--inplane-spacing", "2", "--thickness", "4"], files, capsys, "No space left on device")
 
 
 def test_simulate_refuses_stacks_too_large_to_allocate(files, capsys):

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_raises(), logging_beside_bars():
             return args.func(args)
-    except GsvrError as exc:
+    except (GsvrError, OSError) as exc:  # OSError: e.g. a full disk while writing (the outputs are written as a set)
         if args.debug:
             raise
         print(f"gsvr: error: {exc}", file=sys.stderr)

@@ -120,10 +120,10 @@ def preprocess_stacks(stacks: Sequence[Stack], config: PreprocessConfig | None =
 
 def preprocess_files(stacks: Sequence[str], masks: Sequence[str] | None, output_stacks: Sequence[str],
                      output_masks: Sequence[str], config: PreprocessConfig | None = None) -> list[Stack]:
-    """Load, preprocess and write stacks and masks (each file written atomically; all inputs are
-    checked before anything is written)."""
+    """Load, preprocess and write stacks and masks as one set (a failure while writing any of them leaves none
+    written; all inputs are checked before anything is written)."""
     from gsvr.io import load_stacks, save_volume
-    from gsvr.io.nifti import check_writable, overwritten_input, save_mask
+    from gsvr.io.nifti import atomic_outputs, check_writable, overwritten_input, save_mask
 
     if len(output_stacks) != len(stacks) or len(output_masks) != len(stacks):
         raise GsvrError(f"{len(stacks)} stacks but {len(output_stacks)} output stacks and {len(output_masks)} output masks")
@@ -134,9 +134,10 @@ def preprocess_files(stacks: Sequence[str], masks: Sequence[str] | None, output_
         if source is not None:
             raise GsvrError(f"{path}: this output would overwrite the input {source}; write the outputs to another folder")
     out = preprocess_stacks(load_stacks(stacks, masks), config)
-    for s, ps, pm in zip(out, output_stacks, output_masks):
-        save_volume(ps, s.data, s.affine)
-        save_mask(pm, s.mask, s.affine)
+    with atomic_outputs([*output_stacks, *output_masks]) as tmp:
+        for k, s in enumerate(out):
+            save_volume(tmp[k], s.data, s.affine)
+            save_mask(tmp[len(out) + k], s.mask, s.affine)
     return out
 
 

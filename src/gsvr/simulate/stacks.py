@@ -206,21 +206,21 @@ def _corrupt(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray
 
 
 def write_simulation(sim: Simulation, out_dir, *, prefix: str = "stack") -> list[str]:
-    """Write stacks, masks and motions.tsv into out_dir; returns the stack paths."""
+    """Write stacks, masks and motions.tsv into out_dir as one set (a failure while writing any of them leaves
+    none written); returns the stack paths."""
     from pathlib import Path
 
-    from gsvr.io.nifti import atomic_output, save_mask, save_volume
+    from gsvr.io.nifti import atomic_outputs, save_mask, save_volume
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise GsvrError(f"{out_dir}: output folder is a file")
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, st in enumerate(sim.stacks):
-        p = out_dir / f"{prefix}{k}.nii.gz"
-        save_volume(p, st.data, st.affine)
-        save_mask(out_dir / f"{prefix}{k}_mask.nii.gz", st.mask, st.affine)
-        paths.append(str(p))
-    with atomic_output(out_dir / "motions.tsv") as tmp:
-        sim.motions.to_csv(tmp, sep="\t", index=False)
-    return paths
+    paths = [out_dir / f"{prefix}{k}.nii.gz" for k in range(len(sim.stacks))]
+    masks = [out_dir / f"{prefix}{k}_mask.nii.gz" for k in range(len(sim.stacks))]
+    with atomic_outputs([*paths, *masks, out_dir / "motions.tsv"]) as tmp:
+        for k, st in enumerate(sim.stacks):
+            save_volume(tmp[k], st.data, st.affine)
+            save_mask(tmp[len(paths) + k], st.mask, st.affine)
+        sim.motions.to_csv(tmp[-1], sep="\t", index=False)
+    return [str(p) for p in paths]
