@@ -193,6 +193,16 @@ def test_simulate_disk_full_on_a_later_output_leaves_no_output(files, capsys, mo
                     "--inplane-spacing", "2", "--thickness", "4"], files, capsys, "No space left on device")
 
 
+def test_simulate_refuses_what_would_not_fit_in_memory(files, capsys, monkeypatch):
+    """Under the per-stack voxel cap, but one slice's PSF samples at 0.05 mm take gigabytes: refused before any work
+    on a machine (here: said to have) 1 GB."""
+    from gsvr.simulate import stacks
+
+    monkeypatch.setattr(stacks, "physical_memory_bytes", lambda: 10**9)
+    _fails_cleanly(_simulate(files, files["vol"], files["volmask"], files["tmp"] / "sim", "--inplane-spacing", "0.05"),
+                   files, capsys, "too large for this machine", "GB of memory")
+
+
 def test_simulate_refuses_stacks_too_large_to_allocate(files, capsys):
     _fails_cleanly(_simulate(files, files["vol"], files["volmask"], files["tmp"] / "sim", "--inplane-spacing", "1e-4"),
                    files, capsys, "inplane_spacing_mm", "too large")

@@ -11,6 +11,7 @@ pixel centres (as if drawn on the acquired stacks).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,20 @@ from gsvr.ops.psf import psf_sigmas_mm
 
 #: The most voxels a simulated stack may have (a clinical stack has about 10^6; 2 GB as float32).
 MAX_STACK_VOXELS = 500_000_000
+
+
+def peak_memory_bytes(n_xy: int, n_z: int, n_stacks: int, n_samples: int) -> int:
+    """About the most memory a simulation holds: every stack and mask (float32 + uint8 per voxel), and one slice's
+    PSF sample positions (float64 [P, S, 3] and their float32 grid coordinates)."""
+    return n_stacks * n_xy * n_xy * n_z * 5 + n_xy * n_xy * n_samples * 3 * (8 + 4)
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,11 @@ def simulate_stacks(volume: np.ndarray, mask: np.ndarray, affine: np.ndarray, cf
 
     n_xy = int(np.ceil((cfg.inplane_fov_mm or 2 * radius) / cfg.inplane_spacing_mm))
     n_z = cfg.n_slices or int(np.ceil(2 * radius / spacing_z))
+    need, have = peak_memory_bytes(n_xy, n_z, cfg.n_stacks, len(weights)), physical_memory_bytes()
+    if have is not None and need > 0.8 * have:
+        raise GsvrError(f"simulation: {cfg.n_stacks} stacks of {n_xy}x{n_xy}x{n_z} voxels are too large for this machine "
+                        f"(about {need / 1e9:.1f} GB of its {have / 1e9:.1f} GB of memory); a larger inplane_spacing_mm, "
+                        "slice spacing or fewer through_plane_samples make them smaller")
     if n_xy * n_xy * n_z > MAX_STACK_VOXELS:
         raise GsvrError(f"simulation: stacks of {n_xy}x{n_xy}x{n_z} voxels are too large (more than {MAX_STACK_VOXELS}); "
                         "a larger inplane_spacing_mm or slice spacing makes them smaller")
