@@ -58,7 +58,8 @@ def child(args) -> None:
     elif args.method == "svr":
         res = reconstruct_classic(stacks, cfg, progress=False)
     elif args.method == "oracle_svr":
-        res = reconstruct_classic(stacks, cfg.updated({"motion": False, "svr.tikhonov": args.tikhonov}), progress=False,
+        res = reconstruct_classic(stacks, cfg.updated({"motion": False, "svr.tikhonov": args.tikhonov,
+                                                     "svr.output_tikhonov_factors": None}), progress=False,
                                   initial_motion=truth)
     else:
         res = reconstruct(stacks, cfg.updated({"align": None, "svr.reg_steps": 0, "joint.motion": False}), progress=False,

@@ -194,3 +194,39 @@ def test_scale_outlier_setting_is_checked_and_can_be_switched_off():
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(GsvrError, match="scale_outlier_z"):
             ReconConfig.from_dict({"svr": {"scale_outlier_z": bad}})
+
+
+def test_the_held_out_pixels_are_a_fixed_spread_fraction():
+    from gsvr.recon.svr import holdout_pixels
+
+    held = holdout_pixels(100_000, 0.1)
+    assert torch.equal(held, holdout_pixels(100_000, 0.1))  # the same split in every run
+    assert abs(float(held.float().mean()) - 0.1) < 0.005
+    assert 0.07 < float(held[:1000].float().mean()) < 0.13  # spread: every stretch of pixels has its share
+    assert not holdout_pixels(1000, 0.0).any() and holdout_pixels(1000, 1.0).all()
+
+
+@pytest.mark.parametrize("noise, expected", [(0.0, 0.25), (0.5, 16.0)])
+def test_the_held_out_error_chooses_weak_smoothing_for_clean_slices_and_strong_for_noisy_ones(moved, noise, expected):
+    """Clean slices: the least regularised solve predicts unseen pixels best. Slices drowned in noise (std 0.5 of
+    the normalised intensity): a weakly regularised solve fits the noise of the training pixels (overfitting,
+    forced), and the held-out error picks the strongest smoothing. Either way the choice is the factor whose
+    solve from *all* pixels is closest to the ground truth."""
+    import dataclasses
+
+    from gsvr.recon.svr import select_tikhonov
+
+    sim, data, gt, stacks = moved
+    truth = _true_motion(sim, data, stacks)
+    gen = torch.Generator().manual_seed(0)
+    noisy = dataclasses.replace(data, y=data.y + noise * torch.randn(data.y.shape, generator=gen))
+    ref, grid = _truth_on_grid(gt, data, 1.6)
+    s = SvrSettings(cg_iterations=20, tikhonov=0.05)
+    factors = [16.0, 1.0, 0.25]
+    lam, start, errors = select_tikhonov(noisy, truth, torch.ones(data.n_pixels), grid, s, factors)
+    assert lam == pytest.approx(0.05 * expected) and [f for f, _ in errors] == factors and start.shape == grid.shape
+    inside = ndimage.binary_erosion(ref.numpy() > 0.05 * float(ref.max()), iterations=2)
+    rmse = {f: float(np.sqrt(np.mean((super_resolve(noisy, truth, torch.ones(data.n_pixels), grid,
+                                                   dataclasses.replace(s, tikhonov=0.05 * f)).numpy() - ref.numpy())[inside] ** 2)))
+            for f in factors}
+    assert min(rmse, key=rmse.get) == expected, rmse

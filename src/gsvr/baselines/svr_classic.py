@@ -1,12 +1,12 @@
 """``svr_classic``: the voxel-grid SVR of :mod:`gsvr.recon.svr` as a method of its own.
 
-The same cycles that initialise the Gaussian engine's motion, then one super-resolution solve
-on the output grid (``output.resolution_mm``), with the final motions, scales and weights.
+The same cycles that initialise the Gaussian engine's motion, then the super-resolution on the output grid
+(``output.resolution_mm``) with the final motions, scales and weights, its regularisation chosen on held-out
+pixels (:func:`gsvr.recon.svr.output_super_resolution`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Sequence
 
@@ -15,13 +15,12 @@ import pandas as pd
 import torch
 
 from gsvr.io.nifti import Stack
-from gsvr.ops.voxel import VoxelGrid
 from gsvr.progress import progress_bar
 from gsvr.recon.config import ReconConfig, SvrSettings
 from gsvr.recon.engine import HISTORY_COLUMNS, STAGE_MEASURES, Result, deterministic, prepare_stacks, resolve_device
 from gsvr.recon.state import slice_table, slice_weight_fn, support_radius
-from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table, transform_points
-from gsvr.recon.svr import super_resolve, support_mask, svr_cycles
+from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table
+from gsvr.recon.svr import output_super_resolution, svr_cycles
 from gsvr.recon.volume import SampledVolume
 
 
@@ -61,17 +60,10 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, initial_
         pixel_weights = torch.ones(data.n_pixels, device=device)
         if cfg.motion:
             _, weights, pixel_weights = svr_cycles(data, motion, settings, weight_fn=weight_fn, progress=tick)
-        with torch.no_grad():
-            x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
-        radius = support_radius(stacks)
-        resolution = cfg.output.resolution_mm
-        grid = VoxelGrid.covering(x, resolution, radius)
-        # The output solve keeps the physical smoothness of the last cycle: the relative gradient
-        # penalty grows as 1/spacing^2 (the unscaled penalty over-smooths at 0.8 mm: docs/results.md).
-        tikhonov = settings.tikhonov * (settings.spacings_mm[-1] / resolution) ** 2
-        final = dataclasses.replace(settings, cg_iterations=2 * settings.cg_iterations, tikhonov=tikhonov)
-        vol = super_resolve(data, motion, weights[data.slice_idx] * pixel_weights, grid, final)
-        vol = torch.where(support_mask(grid, x, radius), vol, torch.zeros_like(vol))
+        bar.set_postfix_str("super-resolution, its regularisation chosen on held-out pixels")
+        out = output_super_resolution(data, motion, weights[data.slice_idx] * pixel_weights, settings,
+                                      cfg.output.resolution_mm, support_radius(stacks))
+        vol, grid = out.volume, out.grid
         bar.update(1)
         bar.set_postfix_str("super-resolution")
     data_np = (vol.clamp_min(0) * data.intensity_scale).cpu().numpy().astype(np.float32)

@@ -72,6 +72,10 @@ class SvrSettings:
     scale_outlier_z: float | None = 4.0
     chunk_pixels: int = 65_536
     margin_mm: float = 4.0  #: the voxel grid covers the slices' in-mask pixels plus this margin
+    #: factors of the gradient penalty of the super-resolution on the output grid after the cycles (svr_classic's
+    #: volume, and the fit's target) tried on 90 % of the pixels; the one with the smallest weighted error on the
+    #: other 10 % (a fixed, hashed split) is used (self-supervised; docs/method.md); null: the factor 1
+    output_tikhonov_factors: list[float] | None = field(default_factory=lambda: [1.0, 0.5, 0.25])
 
     def __post_init__(self) -> None:
         if self.robust not in ("slice", "em") or self.prior not in ("tikhonov", "edge"):
@@ -95,6 +99,11 @@ class SvrSettings:
                 raise GsvrError(f"config: svr.{name} must be > 0, got {getattr(self, name)}")
         if len(self.scale_bounds) != 2 or not 0 < self.scale_bounds[0] <= 1 <= self.scale_bounds[1]:
             raise GsvrError(f"config: svr.scale_bounds must be [low <= 1, high >= 1], got {self.scale_bounds!r}")
+        factors = self.output_tikhonov_factors
+        if factors is not None and (not factors or any(not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0)
+                                                       for x in factors)):
+            raise GsvrError(f"config: svr.output_tikhonov_factors must be a non-empty list of finite factors > 0 or null, "
+                            f"got {factors!r}")
 
     def n_cycles(self, n_stacks: int) -> int:
         """Cycles :func:`svr_cycles` runs on ``n_stacks`` stacks (whole-stack cycles need leave-one-out)."""
@@ -167,10 +176,15 @@ class FitConfig:
 
     steps: int = 100  #: Adam steps (the sampled initialisation alone reproduces the volume only roughly)
     lr: FieldRates = field(default_factory=FieldRates)
+    #: the volume fitted: "svr" (the last cycle's volume at its spacing) or "output" (the super-resolution on the
+    #: output grid after the SVR cycles, its regularisation chosen on held-out pixels: svr_classic's volume; better
+    #: but 2x slower on the CPU: docs/results.md section 14)
+    target: str = "svr"
 
     def __post_init__(self) -> None:
         _positive(self, "fit", "steps")
         self.lr.check("fit")
+        _check(self.target in ("output", "svr"), "fit.target", f"must be 'output' or 'svr', got {self.target!r}")
 
 
 @dataclass(frozen=True)

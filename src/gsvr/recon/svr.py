@@ -12,6 +12,7 @@ baseline (the voxel volume itself).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -115,6 +116,67 @@ def super_resolve(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, gr
         edges = edge_weights(v, grid.spacing_mm, s.edge_delta)
         v = _conjugate_gradients(normal, b, v, s.cg_iterations)
     return v
+
+
+def holdout_pixels(n_pixels: int, fraction: float, device: torch.device | str = "cpu") -> Tensor:
+    """[P] bool: a fixed ``fraction`` of the pixels, chosen by a multiplicative hash of the pixel index (the same
+    pixels in every run; spread over every slice)."""
+    idx = torch.arange(n_pixels, device=device, dtype=torch.int64)
+    return (idx * 2654435761) % 2**32 < int(fraction * 2**32)
+
+
+def select_tikhonov(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, grid: VoxelGrid, s: SvrSettings,
+                    factors: list[float], *, fraction: float = 0.1) -> tuple[float, Tensor, list[tuple[float, float]]]:
+    """The gradient penalty, among ``s.tikhonov`` times each of ``factors``, whose super-resolution from the pixels
+    outside :func:`holdout_pixels` predicts the held-out pixels best (weighted squared error, the slices' intensity
+    scales applied): self-supervised validation of the regularisation strength.
+
+    The solves run from the most to the least regularised, each warm-started from the last (with half of
+    ``s.cg_iterations``, the first with all of them). Returns the chosen
+    penalty, its volume (from the training pixels: a warm start for the solve from all of them) and the
+    (factor, held-out error) of every factor.
+    """
+    dev = data.x0.device
+    held = holdout_pixels(data.n_pixels, fraction, dev)
+    train, test = torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]
+    op = SliceOperator(data, motion, grid, s, test)
+    scale = torch.exp(motion.log_scale.detach())[op.sid]
+    w = pixel_weight[test]
+    v, best, errors = None, None, []
+    for factor in sorted(factors, reverse=True):
+        iterations = s.cg_iterations if v is None else max(s.cg_iterations // 2, 1)
+        v = super_resolve(data, motion, pixel_weight, grid,
+                          dataclasses.replace(s, tikhonov=s.tikhonov * factor, cg_iterations=iterations), pixels=train, init=v)
+        r = scale * op.forward(v) - data.y[test]
+        err = float((w * r * r).sum() / w.sum().clamp_min(1e-12))
+        errors.append((factor, err))
+        if best is None or err < best[1]:
+            best = (factor, err, v.clone())
+    return s.tikhonov * best[0], best[2], errors
+
+
+def output_super_resolution(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, s: SvrSettings, resolution_mm: float,
+                            radius_mm: float) -> SvrState:
+    """The super-resolution on the output grid (covering the pixels plus ``radius_mm``; zero beyond ``radius_mm`` of
+    them) with the final motions, scales and weights.
+
+    The gradient penalty keeps the physical smoothness of the last cycle (the relative penalty grows as
+    1/spacing^2), times the factor of ``s.output_tikhonov_factors`` chosen on held-out pixels
+    (:func:`select_tikhonov`); twice the cycles' CG iterations.
+    """
+    with torch.no_grad():
+        x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
+    grid = VoxelGrid.covering(x, resolution_mm, radius_mm)
+    tikhonov = s.tikhonov * (s.spacings_mm[-1] / resolution_mm) ** 2
+    final = dataclasses.replace(s, cg_iterations=2 * s.cg_iterations, tikhonov=tikhonov)
+    start = None
+    if s.output_tikhonov_factors is not None:
+        lam, start, errors = select_tikhonov(data, motion, pixel_weight, grid, final, s.output_tikhonov_factors)
+        log.info("output super-resolution at %.2f mm: held-out error %s; gradient penalty x%g", resolution_mm,
+                 ", ".join(f"x{f:g} {e:.3g}" for f, e in errors), lam / tikhonov)
+        final = dataclasses.replace(final, tikhonov=lam, cg_iterations=s.cg_iterations)
+    vol = super_resolve(data, motion, pixel_weight, grid, final, init=start)
+    return SvrState(torch.where(support_mask(grid, x, radius_mm), vol, torch.zeros_like(vol)), grid)
 
 
 def _conjugate_gradients(normal, b: Tensor, v: Tensor, iterations: int) -> Tensor:

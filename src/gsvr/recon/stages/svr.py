@@ -6,8 +6,8 @@ field absorb misalignment. Checkpointed after every cycle."""
 from __future__ import annotations
 
 from gsvr.recon.config import SvrSettings
-from gsvr.recon.state import ReconState, log_peak_memory, slice_weight_fn
-from gsvr.recon.svr import svr_cycles
+from gsvr.recon.state import ReconState, log_peak_memory, slice_weight_fn, support_radius
+from gsvr.recon.svr import output_super_resolution, svr_cycles
 
 NAME = "svr"
 
@@ -24,9 +24,14 @@ def run(state: ReconState, cfg: SvrSettings | None) -> ReconState:
 
     resumed = ck.resumes(NAME)
     pixel_weights = resumed["pixel_weights"].to(state.device) if resumed else None
-    state.svr, state.weights, _ = svr_cycles(state.data, state.motion, cfg, progress=tick, on_cycle=cycle_done,
-                                             start_cycle=resumed["step"] if resumed else 0, weights=state.weights,
-                                             pixel_weights=pixel_weights, weight_fn=slice_weight_fn(state.cfg))
+    state.svr, state.weights, pixel_weights = svr_cycles(
+        state.data, state.motion, cfg, progress=tick, on_cycle=cycle_done, start_cycle=resumed["step"] if resumed else 0,
+        weights=state.weights, pixel_weights=pixel_weights, weight_fn=slice_weight_fn(state.cfg))
+    fit = state.cfg.fit
+    if fit is not None and fit.target == "output" and state.cfg.init.from_svr:
+        state.bar.set_postfix_str("super-resolution on the output grid")
+        state.svr = output_super_resolution(state.data, state.motion, state.weights[state.data.slice_idx] * pixel_weights,
+                                            cfg, state.cfg.output.resolution_mm, support_radius(state.stacks))
     log_peak_memory("the SVR cycles")
     return state
 
