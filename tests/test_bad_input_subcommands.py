@@ -89,7 +89,6 @@ def test_preprocess_disk_full_on_a_later_output_leaves_no_output(files, capsys, 
     from gsvr.io import nifti
 
     _disk_full_on_second_mask(monkeypatch, nifti)
-    (files["tmp"] / "out").mkdir()
     _fails_cleanly(["preprocess", "--input-stacks", files["s1"], files["s2"], "--stack-masks", files["m1"], files["m2"],
                     "--output-dir", files["tmp"] / "out"], files, capsys, "No space left on device")
 
@@ -187,8 +186,7 @@ def test_simulate_never_overwrites_its_input(files, capsys):
 def test_simulate_disk_full_on_a_later_output_leaves_no_output(files, capsys, monkeypatch):
     from gsvr.io import nifti
 
-    _disk_full_on_second_mask(monkeypatch, nifti)
-    (files["tmp"] / "sim").mkdir()
+    _disk_full_on_second_mask(monkeypatch, nifti)  # and the output folder did not exist: none is left
     _fails_cleanly([*_simulate(files, files["vol"], files["volmask"], files["tmp"] / "sim")[:-6], "--n-stacks", "2",
                     "--inplane-spacing", "2", "--thickness", "4"], files, capsys, "No space left on device")
 

@@ -245,17 +245,25 @@ def _preprocess(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         raise GsvrError("input stacks must have distinct file names (they name the outputs)")
     cfg = PreprocessConfig(crop_margin_mm=args.crop_margin, n4=args.n4, standardise=not args.no_standardise)
+    with _output_folder(out):
+        preprocess_files(args.input_stacks, args.stack_masks, [out / f"{n}.nii.gz" for n in names],
+                         [out / f"{n}_mask.nii.gz" for n in names], cfg)
+    return 0
+
+
+@contextlib.contextmanager
+def _output_folder(out: Path):
+    """Make the folder ``out`` (and its missing parents); a failure inside the block removes the folders this made
+    (those left empty)."""
     created = [d for d in (out, *out.parents) if not d.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     try:
-        preprocess_files(args.input_stacks, args.stack_masks, [out / f"{n}.nii.gz" for n in names],
-                         [out / f"{n}_mask.nii.gz" for n in names], cfg)
-    except BaseException:  # a failure leaves no folder behind that this run made (and left empty)
+        yield
+    except BaseException:
         for d in created:
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
-    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -285,7 +293,8 @@ def _simulate(args: argparse.Namespace) -> int:
         noise_level=args.noise, corrupted_fraction=args.corrupted_fraction, seed=args.seed,
     )
     sim = simulate_stacks(vol, mask, aff, cfg)
-    write_simulation(sim, args.output_dir)
+    with _output_folder(out):
+        write_simulation(sim, out)
     return 0
 
 

@@ -164,3 +164,10 @@ def test_every_setting_is_documented_or_self_explanatory():
                     if not field_docs(cls).get(f.name) and f.name not in {"lr", "optim", "loss", "seed", "weight_decay",
                                                                           "step_size", "step_gamma", "cosine_final"}]
     assert not undocumented
+
+
+@pytest.mark.parametrize("key, value", [("svr.output_tikhonov_factors", []), ("svr.output_tikhonov_factors", [1.0, 0.0]),
+                                        ("svr.output_tikhonov_factors", [True]), ("fit.target", "volume")])
+def test_the_held_out_regularisation_and_fit_target_settings_are_checked(key, value):
+    with pytest.raises(GsvrError, match=key.split(".")[1]):
+        ReconConfig().updated({key: value})

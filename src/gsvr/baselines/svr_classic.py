@@ -60,7 +60,7 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, initial_
         pixel_weights = torch.ones(data.n_pixels, device=device)
         if cfg.motion:
             _, weights, pixel_weights = svr_cycles(data, motion, settings, weight_fn=weight_fn, progress=tick)
-        bar.set_postfix_str("super-resolution, its regularisation chosen on held-out pixels")
+        bar.set_postfix_str("super-resolution on the output grid")
         out = output_super_resolution(data, motion, weights[data.slice_idx] * pixel_weights, settings,
                                       cfg.output.resolution_mm, support_radius(stacks))
         vol, grid = out.volume, out.grid

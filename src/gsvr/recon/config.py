@@ -75,7 +75,7 @@ class SvrSettings:
     #: factors of the gradient penalty of the super-resolution on the output grid after the cycles (svr_classic's
     #: volume, and the fit's target) tried on 90 % of the pixels; the one with the smallest weighted error on the
     #: other 10 % (a fixed, hashed split) is used (self-supervised; docs/method.md); null: the factor 1
-    output_tikhonov_factors: list[float] | None = field(default_factory=lambda: [1.0, 0.5, 0.25])
+    output_tikhonov_factors: tuple[float, ...] | None = (1.0, 0.5, 0.25)
 
     def __post_init__(self) -> None:
         if self.robust not in ("slice", "em") or self.prior not in ("tikhonov", "edge"):
@@ -100,8 +100,7 @@ class SvrSettings:
         if len(self.scale_bounds) != 2 or not 0 < self.scale_bounds[0] <= 1 <= self.scale_bounds[1]:
             raise GsvrError(f"config: svr.scale_bounds must be [low <= 1, high >= 1], got {self.scale_bounds!r}")
         factors = self.output_tikhonov_factors
-        if factors is not None and (not factors or any(not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0)
-                                                       for x in factors)):
+        if factors is not None and (not factors or any(not is_number(x) or not (math.isfinite(x) and x > 0) for x in factors)):
             raise GsvrError(f"config: svr.output_tikhonov_factors must be a non-empty list of finite factors > 0 or null, "
                             f"got {factors!r}")
 

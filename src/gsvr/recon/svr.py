@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -126,7 +127,7 @@ def holdout_pixels(n_pixels: int, fraction: float, device: torch.device | str = 
 
 
 def select_tikhonov(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, grid: VoxelGrid, s: SvrSettings,
-                    factors: list[float], *, fraction: float = 0.1) -> tuple[float, Tensor, list[tuple[float, float]]]:
+                    factors: Sequence[float], *, fraction: float = 0.1) -> tuple[float, Tensor, list[tuple[float, float]]]:
     """The gradient penalty, among ``s.tikhonov`` times each of ``factors``, whose super-resolution from the pixels
     outside :func:`holdout_pixels` predicts the held-out pixels best (weighted squared error, the slices' intensity
     scales applied): self-supervised validation of the regularisation strength.
@@ -162,7 +163,8 @@ def output_super_resolution(data: SliceData, motion: SliceMotion, pixel_weight: 
 
     The gradient penalty keeps the physical smoothness of the last cycle (the relative penalty grows as
     1/spacing^2), times the factor of ``s.output_tikhonov_factors`` chosen on held-out pixels
-    (:func:`select_tikhonov`); twice the cycles' CG iterations.
+    (:func:`select_tikhonov`, whose first solve runs twice the cycles' CG iterations); the solve from all pixels
+    then runs the cycles' iterations from the chosen volume (twice them from zero when the factors are null).
     """
     with torch.no_grad():
         x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)

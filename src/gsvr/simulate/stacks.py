@@ -29,8 +29,9 @@ MAX_STACK_VOXELS = 500_000_000
 
 def peak_memory_bytes(n_xy: int, n_z: int, n_stacks: int, n_samples: int) -> int:
     """About the most memory a simulation holds: every stack and mask (float32 + uint8 per voxel), and one slice's
-    PSF sample positions (float64 [P, S, 3] and their float32 grid coordinates)."""
-    return n_stacks * n_xy * n_xy * n_z * 5 + n_xy * n_xy * n_samples * 3 * (8 + 4)
+    PSF samples: their float64 positions [P, S, 3] and the float64 and float32 temporaries of their grid
+    coordinates (about 97 bytes per sample measured; 112 counted)."""
+    return n_stacks * n_xy * n_xy * n_z * 5 + n_xy * n_xy * n_samples * 112
 
 
 def physical_memory_bytes() -> int | None:
@@ -238,9 +239,10 @@ def write_simulation(sim: Simulation, out_dir, *, prefix: str = "stack") -> list
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{prefix}{k}.nii.gz" for k in range(len(sim.stacks))]
     masks = [out_dir / f"{prefix}{k}_mask.nii.gz" for k in range(len(sim.stacks))]
-    with atomic_outputs([*paths, *masks, out_dir / "motions.tsv"]) as tmp:
+    # motions.tsv first: the outputs are renamed into place in reverse order, so it appears last (a complete set)
+    with atomic_outputs([out_dir / "motions.tsv", *paths, *masks]) as tmp:
+        sim.motions.to_csv(tmp[0], sep="\t", index=False)
         for k, st in enumerate(sim.stacks):
-            save_volume(tmp[k], st.data, st.affine)
-            save_mask(tmp[len(paths) + k], st.mask, st.affine)
-        sim.motions.to_csv(tmp[-1], sep="\t", index=False)
+            save_volume(tmp[1 + k], st.data, st.affine)
+            save_mask(tmp[1 + len(paths) + k], st.mask, st.affine)
     return [str(p) for p in paths]
