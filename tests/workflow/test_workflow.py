@@ -137,10 +137,12 @@ def test_tiny_end_to_end_run_fills_the_tables_and_a_second_run_does_nothing(smal
     mean = seg[seg["structure"] == "mean"].set_index("method")
     assert sorted(mean.index) == ["ground_truth", "gsvr", "stack_average", "svr_classic"]
     # At 1.6 mm with 4000 Gaussians the mean Dice ranks the reconstructions unreliably (gsvr against
-    # stack_average: 0.59/0.51 here, 0.49/0.52 on the CI machine); the ground truth stays well ahead, and
-    # white matter lines up with the truth in every method only if the labels were carried by the pose.
+    # stack_average: 0.59/0.51 here, 0.49/0.52 on the CI machine); the ground truth stays ahead of every
+    # reconstruction (svr_classic came within 0.08 of it, 0.739 against 0.816, once its output solve chose its
+    # regularisation on held-out pixels), and white matter lines up with the truth in every method only if the
+    # labels were carried by the pose.
     assert mean.loc["ground_truth", "dice"] > 0.7
-    assert (mean.loc["ground_truth", "dice"] > mean.drop(index="ground_truth")["dice"] + 0.1).all()
+    assert (mean.loc["ground_truth", "dice"] > mean.drop(index="ground_truth")["dice"]).all()
     assert (seg[seg["structure"] == "white_matter"]["dice"] > 0.6).all()
     seg_md = (tmp_path / "results/tables/segmentation.md").read_text()
     assert "### Dice" in seg_md and "### HD95 (mm)" in seg_md and "| nesvor | not installed" in seg_md
