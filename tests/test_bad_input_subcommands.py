@@ -1,6 +1,7 @@
 """Bad input to the subcommands other than reconstruct: exit status 2, one stderr line naming the file and the
 problem, no traceback, nothing written (no output, no hidden temporary, no folder) and no input changed."""
 
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -66,6 +67,16 @@ def test_preprocess_failure_leaves_no_output_folder(files, capsys):
     missing = files["tmp"] / "missing.nii.gz"
     _fails_cleanly(["preprocess", "--input-stacks", missing, "--stack-masks", files["m1"],
                     "--output-dir", files["tmp"] / "new" / "out"], files, capsys, missing, "does not exist")
+
+
+def test_preprocess_intensity_failure_is_the_only_line(files, capsys, caplog):
+    """The dark stack fails standardisation, after both stacks are cropped: no "cropped" progress lines before
+    the error (the command's log lines go to stderr; under pytest they are caught by caplog)."""
+    _save(files["s2"], -np.ones((12, 12, 6), np.float32))
+    caplog.set_level(logging.INFO)
+    _fails_cleanly(["preprocess", "--input-stacks", files["s1"], files["s2"], "--stack-masks", files["m1"], files["m2"],
+                    "--output-dir", files["tmp"] / "out"], files, capsys, files["s2"], "quantile is not positive")
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO], caplog.text
 
 
 def _disk_full_on_second_mask(monkeypatch, module):

@@ -210,13 +210,10 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 def _assess(args: argparse.Namespace) -> int:
     from gsvr.evaluate.assess import assess_files
-    from gsvr.io.nifti import check_outputs
 
-    inputs = [*args.input_stacks, *(args.stack_masks or ()), *(p for p in (args.config, args.full_run_slices) if p)]
-    check_outputs({"--output-tsv": args.output_tsv}, inputs=inputs)
     table = assess_files(args.input_stacks, args.stack_masks, args.thicknesses, _recon_config(args),
                          method=args.method, output_tsv=args.output_tsv, progress=not args.no_progress,
-                         full_motion_tsv=args.full_run_slices)
+                         full_motion_tsv=args.full_run_slices, other_inputs=[args.config] if args.config else [])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 

@@ -65,21 +65,30 @@ DRIVER = """<script data-steps="{steps}">
 
 
 @pytest.fixture(scope="session")
-def driven_report(small_report, chromium, tmp_path_factory):
+def driven_report(small_report, small_run, chromium, tmp_path_factory):
     """The report with the driver added, its DOM after the clicks (the recorded views) and a screenshot of the
-    last view."""
-    out = tmp_path_factory.mktemp("report_view")
+    last view.
+
+    Headless Chromium takes the screenshot when its virtual-time budget runs out; on a loaded machine the image
+    can still be undecoded then, and the page is photographed with a blank where the figure goes (seen once in
+    CI: mean difference 87.5, the region white). So the page is loaded again, up to three times, until the
+    screenshot shows the figure; a report that never draws it fails every load."""
     text = small_report.read_text()
     end = text.rindex("</body>")
-    page = out / "driven.html"
-    page.write_text(text[:end] + DRIVER.format(steps=html.escape(json.dumps(STEPS))) + text[end:])
-    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={out / 'profile'}",
-            f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--virtual-time-budget={1000 + 600 * len(STEPS)}"]
-    # One page load for both: the DOM after the clicks (stdout) and the screenshot of the last view.
-    res = subprocess.run([*args, "--dump-dom", f"--screenshot={out / 'shot.png'}", page.as_uri()], capture_output=True,
-                         text=True, timeout=120)
-    assert res.returncode == 0 and (out / "shot.png").is_file(), res.stderr[-2000:]
-    return _views(res.stdout), out / "shot.png"
+    for attempt in range(3):
+        out = tmp_path_factory.mktemp("report_view")
+        page = out / "driven.html"
+        page.write_text(text[:end] + DRIVER.format(steps=html.escape(json.dumps(STEPS))) + text[end:])
+        args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={out / 'profile'}",
+                f"--window-size={WINDOW[0]},{WINDOW[1]}", f"--virtual-time-budget={3000 + 600 * len(STEPS)}"]
+        # One page load for both: the DOM after the clicks (stdout) and the screenshot of the last view.
+        res = subprocess.run([*args, "--dump-dom", f"--screenshot={out / 'shot.png'}", page.as_uri()], capture_output=True,
+                             text=True, timeout=120)
+        assert res.returncode == 0 and (out / "shot.png").is_file(), res.stderr[-2000:]
+        views = _views(res.stdout)
+        if _figure_difference(views, out / "shot.png", small_run)[0] < 4:
+            break
+    return views, out / "shot.png"
 
 
 class _BodyViews(HTMLParser):
@@ -162,16 +171,29 @@ def test_a_screenshot_of_the_report_shows_the_figure_not_a_blank_page(driven_rep
     # The menu (left) and the rest of the page carry structure, not one colour.
     pixels = np.asarray(page, dtype=np.float64)
     assert pixels[:, : WINDOW[0] // 5].std() > 10 and pixels.std() > 20
-    # The screenshot shows the figure at the size the page drew it (scaled to fit the window), where it matches
-    # best; the page lays it out again for the screenshot's viewport, so its position is searched, not assumed.
-    left, top, right, bottom = views[-1]["images"][0]["box"]
-    assert right - left > WINDOW[0] // 3 and bottom - top > WINDOW[1] // 3, (left, top, right, bottom)
-    with Image.open(small_run / FIGURES[0]) as fig:
+    difference, box = _figure_difference(views, shot, small_run)
+    left, top, right, bottom = box
+    assert right - left > WINDOW[0] // 3 and bottom - top > WINDOW[1] // 3, box
+    assert difference < 4, difference  # 1.8 when drawn; 5.7 two pixels off
+
+
+def _figure_difference(views, shot, run):
+    """Mean absolute grey-level difference between the last view's figure, at the size the page drew it (scaled
+    to fit the window), and the screenshot where the two match best (the page lays the figure out again for the
+    screenshot's viewport, so its position is searched, not assumed); and the figure's box on the page."""
+    from PIL import Image
+
+    box = views[-1]["images"][0]["box"] if views[-1]["images"] else (0, 0, 0, 0)
+    left, top, right, bottom = box
+    if right - left < 2 or bottom - top < 2:
+        return np.inf, box
+    with Image.open(shot) as png:
+        pixels = np.asarray(png.convert("L"), dtype=np.float64)
+    with Image.open(run / FIGURES[0]) as fig:
         figure = np.asarray(fig.convert("L").resize((right - left, bottom - top), Image.BILINEAR), dtype=np.float64)
     row, col = _best_match(pixels, figure)
     shown = pixels[row:row + figure.shape[0], col:col + figure.shape[1]]
-    assert shown.shape == figure.shape, (row, col, shown.shape, figure.shape)
-    assert np.abs(shown - figure).mean() < 4, np.abs(shown - figure).mean()  # 1.8 when drawn; 5.7 two pixels off
+    return (np.abs(shown - figure).mean() if shown.shape == figure.shape else np.inf), box
 
 
 def _best_match(image, template):

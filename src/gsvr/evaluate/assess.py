@@ -259,14 +259,17 @@ def _rigid(src: list[np.ndarray], dst: list[np.ndarray]) -> np.ndarray:
 
 def assess_files(stacks: Sequence[str], masks: Sequence[str] | None, thicknesses: Sequence[float] | None,
                  config: ReconConfig, *, method: str = "gsvr", output_tsv: str | None = None,
-                 progress: bool = True, full_motion_tsv: str | None = None) -> pd.DataFrame:
+                 progress: bool = True, full_motion_tsv: str | None = None,
+                 other_inputs: Sequence[str] = ()) -> pd.DataFrame:
     """Load the stacks, run :func:`assess_stacks` (``full_motion_tsv``: the ``slices.tsv`` of a reconstruction of
-    these stacks, which the folds then start from), write the table (atomically) when asked."""
+    these stacks, which the folds then start from), write the table (atomically) when asked. Before any work,
+    ``output_tsv`` must be a writable file path that is none of the inputs (``other_inputs``: files read besides
+    the stacks, masks and slice table, e.g. a config file)."""
     from gsvr.io import load_stacks
-    from gsvr.io.nifti import atomic_output, check_writable
+    from gsvr.io.nifti import atomic_output, check_outputs
 
-    if output_tsv:
-        check_writable(output_tsv)
+    inputs = [*stacks, *(masks or ()), *([full_motion_tsv] if full_motion_tsv else []), *other_inputs]
+    check_outputs({"--output-tsv": output_tsv}, inputs=inputs)
     full_motion = read_slice_table(full_motion_tsv) if full_motion_tsv else None
     loaded = load_stacks(stacks, masks, thicknesses)
     if full_motion is not None:

@@ -108,13 +108,14 @@ def preprocess_stacks(stacks: Sequence[Stack], config: PreprocessConfig | None =
                       drop_empty_slices: bool = True) -> list[Stack]:
     """Crop, optionally N4-correct and standardise the stacks (order: crop first, it makes N4 cheap)."""
     cfg = config or PreprocessConfig()
-    out = [crop_to_mask(s, cfg.crop_margin_mm, drop_empty_slices=drop_empty_slices) for s in stacks]
-    for before, after in zip(stacks, out):
-        log.info("%s: cropped %s -> %s voxels", before.name, before.data.shape, after.data.shape)
+    out = cropped = [crop_to_mask(s, cfg.crop_margin_mm, drop_empty_slices=drop_empty_slices) for s in stacks]
     if cfg.n4:
         out = [n4_bias_correction(s, shrink=cfg.n4_shrink, iterations=cfg.n4_iterations) for s in out]
     if cfg.standardise and len(out) > 1:
         out = standardise_intensities(out, cfg.quantile)
+    # Reported once every step has succeeded: a failure is the run's only line.
+    for before, after in zip(stacks, cropped):
+        log.info("%s: cropped %s -> %s voxels", before.name, before.data.shape, after.data.shape)
     return out
 
 
