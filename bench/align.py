@@ -9,7 +9,7 @@ rotations), the rotation the alignment found, and the angle between the two (the
 error). The SVR cycles after the alignment correct a few degrees; a stack left tens of degrees off stays
 misregistered.
 
-    python bench/align.py [--subjects GA23 GA21 ...] [--seeds 1 2 3] [--cases GA23:1 GA21:3 ...] [--config recon.yaml]
+    python bench/align.py [--subjects GA23 GA21 ...] [--seeds 1 2 3] [--cases GA23:1 GA21:3 ...] [--case clean] [--config recon.yaml]
                           [--keep DIR]
 """
 
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realistic import ATLAS, CASES, with_body  # noqa: E402  (the bench folder is not a package)
 
 
-def simulate(subject: str, seed: int, atlas: Path, out: Path) -> None:
-    """The realistic case of ``subject`` with ``seed``, written to ``out`` (masks with a 0.05 mm header shift, as
+def simulate(subject: str, seed: int, atlas: Path, out: Path, case: str = "realistic") -> None:
+    """The ``case`` of ``bench/realistic.py`` for ``subject`` with ``seed``, written to ``out`` (masks with a 0.05 mm header shift, as
     ``bench/realistic.py`` writes them)."""
     import nibabel as nib
 
@@ -40,7 +40,7 @@ def simulate(subject: str, seed: int, atlas: Path, out: Path) -> None:
     vol, aff = load_image(atlas / subject / "srr.nii.gz")
     mask, _ = load_image(atlas / subject / "mask.nii.gz")
     sim = simulate_stacks(*with_body(vol, mask, aff, seed=seed),
-                          SimulationConfig(seed=seed, through_plane_samples=11, **CASES["realistic"]))
+                          SimulationConfig(seed=seed, through_plane_samples=11, **CASES[case]))
     write_simulation(sim, out)
     for mpath in out.glob("stack?_mask.nii.gz"):
         img = nib.load(mpath)
@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--subjects", nargs="+", default=["GA23", "GA21", "GA25op", "GA26op"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--cases", nargs="+", metavar="SUBJECT:SEED", help="these pairs instead of every subject with every seed")
+    p.add_argument("--case", default="realistic", choices=sorted(CASES),
+                   help="acquisition of bench/realistic.py (clean: three stacks without head turns, the severe motion)")
     p.add_argument("--config", help="reconstruction config YAML (its preprocess and align sections are used)")
     p.add_argument("--atlas", default=str(ATLAS))
     p.add_argument("--keep", metavar="DIR", help="keep the simulations here (a case already there is reused)")
@@ -88,15 +90,16 @@ def main() -> None:
         cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases] if args.cases else \
             [(subject, seed) for subject in args.subjects for seed in args.seeds]
         for subject, seed in cases:
-            sim = Path(args.keep or scratch) / f"{subject}_seed{seed}"
+            sim = Path(args.keep or scratch) / (f"{subject}_seed{seed}" + ("" if args.case == "realistic" else f"_{args.case}"))
             if not (sim / "motions.tsv").exists():
-                simulate(subject, seed, Path(args.atlas), sim)
+                simulate(subject, seed, Path(args.atlas), sim, args.case)
             paths = sorted(str(q) for q in sim.glob("stack?.nii.gz"))
             stacks = load_stacks(paths, [q.replace(".nii.gz", "_mask.nii.gz") for q in paths], [3.0] * len(paths))
             stacks = prepare.prepare(stacks, cfg.preprocess)
             turns = stack_turns(pd.read_csv(sim / "motions.tsv", sep="\t"), len(stacks))
             t = time.perf_counter()
-            aligned, ref = align_stacks(stacks, max_angle_deg=align_cfg.max_angle_deg, seed=cfg.run.seed)
+            aligned, ref = align_stacks(stacks, max_angle_deg=align_cfg.max_angle_deg, seed=cfg.run.seed,
+                                        mask_dilation_mm=cfg.preprocess.mask_dilation_mm)
             wall = time.perf_counter() - t
             true_deg, found_deg, err_deg = [], [], []
             for i, s in enumerate(aligned):

@@ -51,3 +51,50 @@ def test_the_reference_is_the_stack_with_the_least_interslice_motion(small_subje
     assert interslice_consistency(still) > interslice_consistency(moved)
     out, ref = align_stacks([moved, still], max_angle_deg=0.0)
     assert ref == 1 and out[1] is still
+
+
+def test_the_joint_choice_keeps_the_pose_all_stacks_agree_on_over_a_flip_the_reference_prefers(small_subject, monkeypatch):
+    """Stack 1's flipped candidate (1) correlates with the reference better than its right pose (0), but stacks
+    2 and 3 (each with one right candidate) agree with the right pose only: the joint choice keeps 0, the
+    reference alone would take 1."""
+    from gsvr.preprocess import align
+
+    table = {(1, 0, 0, 0): 0.40, (1, 1, 0, 0): 0.48,  # stack 1's candidates against the reference
+             (2, 0, 0, 0): 0.45, (3, 0, 0, 0): 0.45,
+             (1, 0, 2, 0): 0.50, (1, 1, 2, 0): 0.20, (1, 0, 3, 0): 0.50, (1, 1, 3, 0): 0.20, (2, 0, 3, 0): 0.50}
+
+    class Placed:
+        def __init__(self, stacks, candidates):
+            pass
+
+        def correlation(self, i, k, j, l):
+            return table.get((i, k, j, l), table.get((j, l, i, k)))
+
+    monkeypatch.setattr(align, "_PlacedStacks", Placed)
+    candidates = [[np.eye(4)], [np.eye(4), np.eye(4)], [np.eye(4)], [np.eye(4)]]
+    assert align.choose_jointly([None] * 4, candidates, reference=0) == [0, 0, 0, 0]
+    # With only the reference to agree with, the flip wins: the other stacks carry the choice.
+    assert align.choose_jointly([None] * 2, candidates[:2], reference=0) == [0, 1]
+
+
+@pytest.mark.slow
+def test_stacks_turned_apart_are_all_brought_into_the_reference_frame(small_subject):
+    """Three stacks, two of them turned by 35 and 70 deg about different axes: each ends within a few degrees
+    of the reference's frame (the turns are applied about the brain centre, the alignment undoes them)."""
+    vol, mask, affine = small_subject
+    sim = simulate_stacks(vol, mask, affine, SimulationConfig(n_stacks=3, motion_rotation_deg=0.0, motion_translation_mm=0.0, seed=5, **SIM))
+    stacks = _stacks(sim)
+    centre = affine[:3, :3] @ np.argwhere(mask).mean(0) + affine[:3, 3]
+    turns = [np.eye(4)]
+    for angle, axis in ((35.0, [1.0, 0.2, 0.0]), (70.0, [0.0, -0.4, 1.0])):
+        turn = np.eye(4)
+        turn[:3, :3] = Rotation.from_rotvec(np.radians(angle) * np.asarray(axis) / np.linalg.norm(axis)).as_matrix()
+        turn[:3, 3] = centre - turn[:3, :3] @ centre
+        turns.append(turn)
+    turned = [Stack(data=s.data, mask=s.mask, affine=t @ s.affine, thickness_mm=s.thickness_mm, name=f"s{k}")
+              for k, (s, t) in enumerate(zip(stacks, turns))]
+    out, ref = align_stacks(turned, reference=0, mask_dilation_mm=3.0)
+    assert ref == 0 and out[0] is turned[0]
+    for k in (1, 2):
+        residual = out[k].alignment @ turns[k]  # identity when the turn is undone
+        assert np.degrees(Rotation.from_matrix(residual[:3, :3]).magnitude()) < 3.0, (k, residual)

@@ -3,7 +3,7 @@
 import numpy as np
 
 from gsvr.io.nifti import Stack
-from gsvr.recon.slices import dilate_masks_inplane
+from gsvr.preprocess.stacks import dilate_masks_inplane
 
 
 def test_masks_grow_in_plane_only_and_empty_slices_stay_empty():

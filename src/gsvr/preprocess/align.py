@@ -106,17 +106,15 @@ def _overlap_correlation(fixed: sitk.Image, fixed_mask: np.ndarray, moving: sitk
     return -1.0 if r is None else r
 
 
-def register_stack(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, step_deg: float = 45.0,
-                   top: int = 2, margin: float = 0.1, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Rigid world transform T [4, 4] (RAS mm) with T(moving anatomy) = fixed anatomy, and the negated
-    correlation over the fixed mask it reaches.
+def stack_candidates(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, step_deg: float = 45.0, top: int = 2,
+                     seed: int = 0) -> list[tuple[np.ndarray, float]]:
+    """Candidate rigid world transforms T [4, 4] (RAS mm, T(moving anatomy) = fixed anatomy), each with the
+    correlation over the fixed mask it reaches: first the header geometry refined (always there), then the
+    ``top`` best starts.
 
-    Every start rotation (about the moving mask's centroid, after aligning the centroids) gets a
-    short registration on an isotropic grid at the coarsest stack spacing; the ``top`` best are
-    refined at the in-plane spacing together with the header geometry, and the best wins; a far
-    start must beat the refined header geometry by ``margin`` in correlation (the brain is nearly
-    symmetric: flipped poses correlate well when slices are motion-corrupted).
-    """
+    Every start rotation (about the moving mask's centroid, after aligning the centroids) gets a short
+    registration on an isotropic grid at the coarsest stack spacing; the header and the ``top`` best starts are
+    refined at the in-plane spacing."""
     coarse = float(max(fixed.spacing_mm.max(), moving.spacing_mm.max()))
     fine = max(float(max(fixed.spacing_mm[:2].max(), moving.spacing_mm[:2].max())), coarse / 2)
     f_coarse, f_coarse_mask = _masked_image(fixed, coarse)
@@ -141,44 +139,142 @@ def register_stack(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, 
     header = sitk.Euler3DTransform()
     header.SetCenter(c_fixed.tolist())
     refined = []
-    for _, tx in [(None, header)] + sorted(trials, key=lambda t: t[0])[:top]:
+    for tx in [header] + [t for _, t in sorted(trials, key=lambda t: t[0])[:top]]:
         reg = _registration(iterations=200, fixed_mask=f_fine_mask, moving_mask=m_mask, seed=seed)
         reg.SetInitialTransform(tx, inPlace=True)
         try:
             reg.Execute(f_fine, m_img)
-        except RuntimeError:
+        except RuntimeError:  # no overlap left: the header stays a candidate, unrefined and scored last
+            if tx is header:
+                refined.append((np.eye(4), -1.0))
             continue
-        refined.append((-_overlap_correlation(f_fine, fine_mask_np, m_img, tx), tx))
-    if not refined:
-        return np.eye(4), 0.0
-    metric, best = min(refined, key=lambda t: t[0])
-    if refined[0][1] is header and best is not header and -metric < -refined[0][0] + margin:
-        metric, best = refined[0]  # a far start must beat the header geometry clearly (symmetric anatomy)
-    # sitk maps fixed points to moving points (LPS): p_m = A p_f + t. We want moving -> fixed in RAS.
-    a = np.array(best.GetMatrix()).reshape(3, 3)
-    t = np.array(best.GetTranslation()) + np.array(best.GetCenter()) - a @ np.array(best.GetCenter())
-    fixed_to_moving = np.eye(4)
-    fixed_to_moving[:3, :3] = _LPS @ a @ _LPS
-    fixed_to_moving[:3, 3] = _LPS @ t
-    return np.linalg.inv(fixed_to_moving), float(metric)
+        refined.append((np.linalg.inv(_fixed_to_moving_ras(tx)), _overlap_correlation(f_fine, fine_mask_np, m_img, tx)))
+    return refined
+
+
+def _fixed_to_moving_ras(tx: sitk.Transform) -> np.ndarray:
+    """A SimpleITK rigid/affine transform (fixed points to moving points, LPS: p_m = A p_f + t) in RAS [4, 4]."""
+    a = np.array(tx.GetMatrix()).reshape(3, 3)
+    t = np.array(tx.GetTranslation()) + np.array(tx.GetCenter()) - a @ np.array(tx.GetCenter())
+    out = np.eye(4)
+    out[:3, :3] = _LPS @ a @ _LPS
+    out[:3, 3] = _LPS @ t
+    return out
+
+
+def _sitk_transform(fixed_to_moving: np.ndarray) -> sitk.AffineTransform:
+    """The inverse of :func:`_fixed_to_moving_ras`: a RAS map of fixed points to moving points as SimpleITK's."""
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix((_LPS @ fixed_to_moving[:3, :3] @ _LPS).ravel().tolist())
+    tx.SetTranslation((_LPS @ fixed_to_moving[:3, 3]).tolist())
+    return tx
+
+
+def register_stack(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, step_deg: float = 45.0,
+                   top: int = 2, margin: float = 0.1, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Rigid world transform T [4, 4] (RAS mm) with T(moving anatomy) = fixed anatomy, and the negated
+    correlation over the fixed mask it reaches: the best of :func:`stack_candidates`, where a far start must
+    beat the refined header geometry by ``margin`` in correlation (the brain is nearly symmetric: flipped poses
+    correlate well when slices are motion-corrupted)."""
+    (header, header_corr), *starts = stack_candidates(fixed, moving, max_angle_deg=max_angle_deg, step_deg=step_deg,
+                                                      top=top, seed=seed)
+    failed = header_corr <= -1.0  # the header's refinement lost the overlap
+    if not starts:
+        return (np.eye(4), 0.0) if failed else (header, -float(header_corr))
+    best, corr = max(starts, key=lambda c: c[1])
+    if not failed and corr < header_corr + margin:
+        best, corr = header, header_corr
+    return best, -float(corr)
+
+
+class _PlacedStacks:
+    """Correlations between stacks placed in the reference's frame (each by one of its candidate transforms),
+    computed on demand and kept: the image of one stack on its own isotropic grid at its in-plane spacing (at
+    most half its slice spacing), the other stack mapped onto it, over the first one's mask."""
+
+    def __init__(self, stacks: Sequence[Stack], candidates: Sequence[Sequence[np.ndarray]]):
+        self.candidates = candidates
+        self.images = []
+        for s in stacks:
+            fine, fine_mask = _masked_image(s, max(float(s.spacing_mm[:2].max()), float(s.spacing_mm.max()) / 2))
+            self.images.append((fine, sitk.GetArrayFromImage(fine_mask) > 0, _masked_image(s)[0]))
+        self._cache: dict[tuple[int, int, int, int], float] = {}
+
+    def correlation(self, i: int, k: int, j: int, l: int) -> float:
+        """Symmetric: the mean of stack i (candidate k) seen from stack j (candidate l) and the converse."""
+        return 0.5 * (self._one_way(i, k, j, l) + self._one_way(j, l, i, k))
+
+    def _one_way(self, i: int, k: int, j: int, l: int) -> float:
+        key = (i, k, j, l)
+        if key not in self._cache:
+            fixed, mask, _ = self.images[j]
+            moving = self.images[i][2]
+            # A point of stack j's world goes to the common frame by its transform, back into stack i's by i's inverse.
+            fixed_to_moving = np.linalg.inv(self.candidates[i][k]) @ self.candidates[j][l]
+            self._cache[key] = _overlap_correlation(fixed, mask, moving, _sitk_transform(fixed_to_moving))
+        return self._cache[key]
+
+
+def choose_jointly(stacks: Sequence[Stack], candidates: Sequence[Sequence[np.ndarray]], reference: int, *,
+                   reference_weight: float = 2.0, sweeps: int = 10) -> list[int]:
+    """One candidate per stack (``candidates[reference]`` is the identity alone) that makes the stacks agree:
+    the choice maximising the sum over pairs of stacks of their correlation where placed, a pair with the
+    reference weighted ``reference_weight``. Coordinate ascent (one stack at a time, the others held, until no
+    stack changes), started from each stack's best correlation with the reference alone.
+
+    A flipped pose of one thick-slice stack can correlate with the reference better than the right one (the
+    brain is nearly symmetric and the slices are motion-corrupted), but it disagrees with every other stack."""
+    placed = _PlacedStacks(stacks, candidates)
+    others = [i for i in range(len(stacks)) if i != reference]
+
+    def score(i: int, k: int, choice: list[int]) -> float:
+        return sum((reference_weight if j == reference else 1.0) * placed.correlation(i, k, j, choice[j])
+                   for j in range(len(stacks)) if j != i)
+
+    choice = [0] * len(stacks)
+    for i in others:
+        choice[i] = int(np.argmax([placed.correlation(i, k, reference, 0) for k in range(len(candidates[i]))]))
+    for _ in range(sweeps):
+        changed = False
+        for i in others:
+            best = int(np.argmax([score(i, k, choice) for k in range(len(candidates[i]))]))
+            changed |= best != choice[i]
+            choice[i] = best
+        if not changed:
+            break
+    return choice
 
 
 def align_stacks(stacks: Sequence[Stack], *, reference: int | None = None, max_angle_deg: float = 90.0,
-                 step_deg: float = 45.0, seed: int = 0) -> tuple[list[Stack], int]:
-    """Register every stack to the reference (default: best inter-slice consistency); returns the
-    stacks with updated affines and the reference index."""
+                 step_deg: float = 45.0, top: int = 4, mask_dilation_mm: float = 0.0, seed: int = 0) -> tuple[list[Stack], int]:
+    """Register every stack to the reference (default: best inter-slice consistency, on the grown masks);
+    returns the stacks with updated affines and the reference index.
+
+    Each stack gets candidate poses against the reference (:func:`stack_candidates`: the header refined and
+    the ``top`` best starts), with masks grown in plane by ``mask_dilation_mm`` for the registration (the
+    brain's boundary against its surroundings then counts; the returned stacks keep their masks); the poses
+    kept are the ones on which all stacks agree (:func:`choose_jointly`)."""
+    from gsvr.preprocess.stacks import dilate_masks_inplane
+
+    grown = dilate_masks_inplane(stacks, mask_dilation_mm)
     if reference is None:
-        scores = [interslice_consistency(s) for s in stacks]
+        scores = [interslice_consistency(s) for s in grown]
         reference = int(np.argmax(scores))
         log.info("reference stack %s (inter-slice NCC %s)", stacks[reference].name, ", ".join(f"{v:.3f}" for v in scores))
+    candidates: list[list[np.ndarray]] = []
+    for i, s in enumerate(grown):
+        found = [] if i == reference else stack_candidates(grown[reference], s, max_angle_deg=max_angle_deg,
+                                                           step_deg=step_deg, top=top, seed=seed)
+        candidates.append([transform for transform, _ in found] or [np.eye(4)])
+    choice = choose_jointly(grown, candidates, reference)
     out = list(stacks)
     for i, s in enumerate(stacks):
         if i == reference:
             continue
-        transform, metric = register_stack(stacks[reference], s, max_angle_deg=max_angle_deg, step_deg=step_deg, seed=seed)
+        transform = candidates[i][choice[i]]
         angle = np.degrees(Rotation.from_matrix(transform[:3, :3]).magnitude())
-        log.info("stack %s -> %s: rotation %.1f deg, translation %.1f mm, correlation %.3f",
-                 s.name, stacks[reference].name, angle, np.linalg.norm(transform[:3, 3]), -metric)
+        log.info("stack %s -> %s: rotation %.1f deg, translation %.1f mm (candidate %d of %d)",
+                 s.name, stacks[reference].name, angle, np.linalg.norm(transform[:3, 3]), choice[i] + 1, len(candidates[i]))
         before = np.eye(4) if s.alignment is None else s.alignment
         out[i] = dataclasses.replace(s, affine=transform @ s.affine, alignment=transform @ before)
     return out, reference

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from gsvr.errors import GsvrError
 from gsvr.io.nifti import Stack
@@ -92,6 +93,20 @@ def n4_bias_correction(stack: Stack, *, shrink: int = 2, iterations: Sequence[in
     inside = stack.mask
     corrected *= np.float32(np.median(stack.data[inside]) / max(float(np.median(corrected[inside])), 1e-12))
     return dataclasses.replace(stack, data=corrected)
+
+
+def dilate_masks_inplane(stacks: Sequence[Stack], radius_mm: float) -> list[Stack]:
+    """Every slice's mask grown in plane by a disc of ``radius_mm`` (slices without mask stay empty)."""
+    if radius_mm <= 0:
+        return list(stacks)
+    out = []
+    for s in stacks:
+        r = np.floor(radius_mm / s.spacing_mm[:2]).astype(int)
+        di, dj = np.meshgrid(np.arange(-r[0], r[0] + 1) * s.spacing_mm[0], np.arange(-r[1], r[1] + 1) * s.spacing_mm[1],
+                             indexing="ij")
+        disc = (di**2 + dj**2 <= radius_mm**2)[:, :, None]
+        out.append(dataclasses.replace(s, mask=ndimage.binary_dilation(s.mask, structure=disc)))
+    return out
 
 
 def standardise_intensities(stacks: Sequence[Stack], quantile: float = 0.99) -> list[Stack]:

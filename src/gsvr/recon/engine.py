@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 
 from gsvr.io.nifti import Stack
+from gsvr.preprocess.stacks import dilate_masks_inplane
 from gsvr.recon.checkpoint import Checkpointer
 from gsvr.recon.config import ReconConfig
 from gsvr.recon.stages import PIPELINE, align, prepare
-from gsvr.recon.slices import dilate_masks_inplane
 from gsvr.recon.state import HISTORY_COLUMNS, STAGE_MEASURES, ReconState, Result, resolve_device
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ def reconstruct(stacks: Sequence[Stack], config: ReconConfig | None = None, *, p
 
 def prepare_stacks(stacks: Sequence[Stack], cfg: ReconConfig) -> list[Stack]:
     """The prepare and align stages, and the masks grown as the slices stage grows them (for the baselines)."""
-    aligned = align.align(prepare.prepare(stacks, cfg.preprocess), cfg.align, motion=cfg.motion, seed=cfg.run.seed)
+    aligned = align.align(prepare.prepare(stacks, cfg.preprocess), cfg.align, motion=cfg.motion, seed=cfg.run.seed,
+                          mask_dilation_mm=cfg.preprocess.mask_dilation_mm)
     return dilate_masks_inplane(aligned, cfg.preprocess.mask_dilation_mm)
 
 

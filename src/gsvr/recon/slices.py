@@ -64,20 +64,6 @@ class SliceData:
         return int(self.x0.shape[0])
 
 
-def dilate_masks_inplane(stacks: Sequence[Stack], radius_mm: float) -> list[Stack]:
-    """Every slice's mask grown in plane by a disc of ``radius_mm`` (slices without mask stay empty)."""
-    if radius_mm <= 0:
-        return list(stacks)
-    out = []
-    for s in stacks:
-        r = np.floor(radius_mm / s.spacing_mm[:2]).astype(int)
-        di, dj = np.meshgrid(np.arange(-r[0], r[0] + 1) * s.spacing_mm[0], np.arange(-r[1], r[1] + 1) * s.spacing_mm[1],
-                             indexing="ij")
-        disc = (di**2 + dj**2 <= radius_mm**2)[:, :, None]
-        out.append(dataclasses.replace(s, mask=ndimage.binary_dilation(s.mask, structure=disc)))
-    return out
-
-
 def build_slice_data(stacks: Sequence[Stack], *, quantile: float, device: torch.device,
                      like: SliceData | None = None) -> SliceData:
     """Gather the in-mask pixels of every slice of every stack.

@@ -7,10 +7,11 @@ import logging
 
 import torch
 
+from gsvr.preprocess.stacks import dilate_masks_inplane
 from gsvr.progress import progress_bar
 from gsvr.recon.checkpoint import fingerprint
 from gsvr.recon.config import ReconConfig, RunConfig
-from gsvr.recon.slices import SliceMotion, build_slice_data, dilate_masks_inplane, set_motion_from_table
+from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table
 from gsvr.recon.state import ReconState
 
 NAME = "slices"
