@@ -54,9 +54,9 @@ def test_the_reference_is_the_stack_with_the_least_interslice_motion(small_subje
 
 
 def test_the_joint_choice_keeps_the_pose_all_stacks_agree_on_over_a_flip_the_reference_prefers(small_subject, monkeypatch):
-    """Stack 1's flipped candidate (1) correlates with the reference better than its right pose (0), but stacks
-    2 and 3 (each with one right candidate) agree with the right pose only: the joint choice keeps 0, the
-    reference alone would take 1."""
+    """Stack 1's flipped candidate (1) correlates with the reference better than its right pose (0, the header),
+    but stacks 2 and 3 (each with one right candidate) agree with the right pose only: the joint choice keeps 0,
+    the reference alone would take 1."""
     from gsvr.preprocess import align
 
     table = {(1, 0, 0, 0): 0.40, (1, 1, 0, 0): 0.48,  # stack 1's candidates against the reference
@@ -73,7 +73,10 @@ def test_the_joint_choice_keeps_the_pose_all_stacks_agree_on_over_a_flip_the_ref
     monkeypatch.setattr(align, "_PlacedStacks", Placed)
     candidates = [[np.eye(4)], [np.eye(4), np.eye(4)], [np.eye(4)], [np.eye(4)]]
     assert align.choose_jointly([None] * 4, candidates, reference=0) == [0, 0, 0, 0]
-    # With only the reference to agree with, the flip wins: the other stacks carry the choice.
+    # With only the reference to agree with, a far candidate must beat the header by the margin (0.1): the
+    # flip's 0.08 lead keeps the header, a 0.12 lead does not.
+    assert align.choose_jointly([None] * 2, candidates[:2], reference=0) == [0, 0]
+    table[1, 1, 0, 0] = 0.52
     assert align.choose_jointly([None] * 2, candidates[:2], reference=0) == [0, 1]
 
 

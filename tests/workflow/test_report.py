@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import subprocess
+import warnings
 from html.parser import HTMLParser
 from urllib.parse import unquote_to_bytes
 
@@ -86,8 +87,10 @@ def driven_report(small_report, small_run, chromium, tmp_path_factory):
                              text=True, timeout=120)
         assert res.returncode == 0 and (out / "shot.png").is_file(), res.stderr[-2000:]
         views = _views(res.stdout)
-        if _figure_difference(views, out / "shot.png", small_run)[0] < 4:
+        difference = _figure_difference(views, out / "shot.png", small_run)[0]
+        if difference < 4:
             break
+        warnings.warn(f"report screenshot {attempt + 1} did not show the figure (mean difference {difference:.1f}); loading again")
     return views, out / "shot.png"
 
 

@@ -2,10 +2,11 @@
 
 Stacks of a clinical session are acquired minutes apart and the fetal head can turn by tens of
 degrees between them; slice-level SVR only corrects a few degrees. Every stack is registered
-rigidly (SimpleITK, correlation inside the masks) to the reference stack, starting from a set of
-rotations about the brain centre (multi-start); the best start is refined. The result is applied
-to each stack's affine, so the reconstruction starts with the stacks overlapping and comes out in
-the reference stack's frame.
+rigidly (SimpleITK, correlation inside the masks, grown in plane) to the reference stack, starting from a
+set of rotations about the brain centre (multi-start); the header and the best starts are refined into
+candidate poses, and the poses kept are those on which the stacks agree pairwise (:func:`choose_jointly`).
+The result is applied to each stack's affine, so the reconstruction starts with the stacks overlapping and
+comes out in the reference stack's frame.
 
 The reference is the stack with the least inter-slice motion: the highest mean normalised
 correlation between neighbouring in-mask slices.
@@ -109,8 +110,8 @@ def _overlap_correlation(fixed: sitk.Image, fixed_mask: np.ndarray, moving: sitk
 def stack_candidates(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, step_deg: float = 45.0, top: int = 2,
                      seed: int = 0) -> list[tuple[np.ndarray, float]]:
     """Candidate rigid world transforms T [4, 4] (RAS mm, T(moving anatomy) = fixed anatomy), each with the
-    correlation over the fixed mask it reaches: first the header geometry refined (always there), then the
-    ``top`` best starts.
+    correlation over the fixed mask it reaches: first the header geometry refined (always there; NaN
+    correlation when its refinement lost the overlap), then up to ``top`` best starts.
 
     Every start rotation (about the moving mask's centroid, after aligning the centroids) gets a short
     registration on an isotropic grid at the coarsest stack spacing; the header and the ``top`` best starts are
@@ -144,9 +145,9 @@ def stack_candidates(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0
         reg.SetInitialTransform(tx, inPlace=True)
         try:
             reg.Execute(f_fine, m_img)
-        except RuntimeError:  # no overlap left: the header stays a candidate, unrefined and scored last
+        except RuntimeError:  # no overlap left: the header stays a candidate, unrefined (correlation NaN)
             if tx is header:
-                refined.append((np.eye(4), -1.0))
+                refined.append((np.eye(4), float("nan")))
             continue
         refined.append((np.linalg.inv(_fixed_to_moving_ras(tx)), _overlap_correlation(f_fine, fine_mask_np, m_img, tx)))
     return refined
@@ -178,7 +179,7 @@ def register_stack(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, 
     correlate well when slices are motion-corrupted)."""
     (header, header_corr), *starts = stack_candidates(fixed, moving, max_angle_deg=max_angle_deg, step_deg=step_deg,
                                                       top=top, seed=seed)
-    failed = header_corr <= -1.0  # the header's refinement lost the overlap
+    failed = not np.isfinite(header_corr)  # the header's refinement lost the overlap
     if not starts:
         return (np.eye(4), 0.0) if failed else (header, -float(header_corr))
     best, corr = max(starts, key=lambda c: c[1])
@@ -190,7 +191,7 @@ def register_stack(fixed: Stack, moving: Stack, *, max_angle_deg: float = 90.0, 
 class _PlacedStacks:
     """Correlations between stacks placed in the reference's frame (each by one of its candidate transforms),
     computed on demand and kept: the image of one stack on its own isotropic grid at its in-plane spacing (at
-    most half its slice spacing), the other stack mapped onto it, over the first one's mask."""
+    least half its slice spacing), the other stack mapped onto it, over the first one's mask."""
 
     def __init__(self, stacks: Sequence[Stack], candidates: Sequence[Sequence[np.ndarray]]):
         self.candidates = candidates
@@ -216,14 +217,17 @@ class _PlacedStacks:
 
 
 def choose_jointly(stacks: Sequence[Stack], candidates: Sequence[Sequence[np.ndarray]], reference: int, *,
-                   reference_weight: float = 2.0, sweeps: int = 10) -> list[int]:
-    """One candidate per stack (``candidates[reference]`` is the identity alone) that makes the stacks agree:
-    the choice maximising the sum over pairs of stacks of their correlation where placed, a pair with the
-    reference weighted ``reference_weight``. Coordinate ascent (one stack at a time, the others held, until no
-    stack changes), started from each stack's best correlation with the reference alone.
+                   reference_weight: float = 2.0, margin: float = 0.1, sweeps: int = 10) -> list[int]:
+    """One candidate per stack (``candidates[reference]`` is the identity alone; every other stack's first
+    candidate is its header geometry) that makes the stacks agree: the choice maximising the sum over pairs of
+    stacks of their correlation where placed, a pair with the reference weighted ``reference_weight``.
+    Coordinate ascent (one stack at a time, the others held; a stack moves only to a strictly better candidate),
+    started from each stack's best correlation with the reference alone.
 
     A flipped pose of one thick-slice stack can correlate with the reference better than the right one (the
-    brain is nearly symmetric and the slices are motion-corrupted), but it disagrees with every other stack."""
+    brain is nearly symmetric and the slices are motion-corrupted), but it disagrees with every other stack.
+    With two stacks there is no other witness: a far candidate must then beat the header by ``margin``, as in
+    :func:`register_stack`."""
     placed = _PlacedStacks(stacks, candidates)
     others = [i for i in range(len(stacks)) if i != reference]
 
@@ -233,20 +237,29 @@ def choose_jointly(stacks: Sequence[Stack], candidates: Sequence[Sequence[np.nda
 
     choice = [0] * len(stacks)
     for i in others:
-        choice[i] = int(np.argmax([placed.correlation(i, k, reference, 0) for k in range(len(candidates[i]))]))
+        with_reference = [placed.correlation(i, k, reference, 0) for k in range(len(candidates[i]))]
+        choice[i] = int(np.argmax(with_reference))
+        if len(others) == 1 and with_reference[choice[i]] < with_reference[0] + margin:
+            choice[i] = 0
+    if len(others) < 2:
+        return choice
     for _ in range(sweeps):
         changed = False
         for i in others:
-            best = int(np.argmax([score(i, k, choice) for k in range(len(candidates[i]))]))
-            changed |= best != choice[i]
-            choice[i] = best
+            scores = [score(i, k, choice) for k in range(len(candidates[i]))]
+            best = int(np.argmax(scores))
+            if scores[best] > scores[choice[i]]:
+                choice[i], changed = best, True
         if not changed:
             break
+    else:
+        log.info("stack poses: the joint choice still changed after %d sweeps; kept the last", sweeps)
     return choice
 
 
 def align_stacks(stacks: Sequence[Stack], *, reference: int | None = None, max_angle_deg: float = 90.0,
-                 step_deg: float = 45.0, top: int = 4, mask_dilation_mm: float = 0.0, seed: int = 0) -> tuple[list[Stack], int]:
+                 step_deg: float = 45.0, top: int = 4, mask_dilation_mm: float = 0.0,
+                 seed: int = 0) -> tuple[list[Stack], int]:
     """Register every stack to the reference (default: best inter-slice consistency, on the grown masks);
     returns the stacks with updated affines and the reference index.
 

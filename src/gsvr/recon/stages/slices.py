@@ -24,7 +24,8 @@ def run(state: ReconState, cfg: RunConfig) -> ReconState:
         ck.check(fingerprint(stacks, full.to_dict()))
     torch.manual_seed(cfg.seed)
     state.gen = torch.Generator().manual_seed(cfg.seed)
-    # After the stack alignment, which compares the brain alone: the masks grown in plane (preprocess.mask_dilation_mm)
+    # After the stack alignment (which grows them for its registrations only): the masks grown in plane
+    # (preprocess.mask_dilation_mm)
     stacks = state.stacks = dilate_masks_inplane(stacks, full.preprocess.mask_dilation_mm)
     data = state.data = build_slice_data(stacks, quantile=full.preprocess.normalize_quantile, device=state.device)
     log.info("%d stacks, %d slices, %d in-mask pixels, %d Gaussians, K=%d, device %s", len(stacks), data.n_slices,
