@@ -19,7 +19,6 @@ from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from gsvr.errors import GsvrError
 from gsvr.io.nifti import Stack
@@ -97,6 +96,8 @@ def n4_bias_correction(stack: Stack, *, shrink: int = 2, iterations: Sequence[in
 
 def dilate_masks_inplane(stacks: Sequence[Stack], radius_mm: float) -> list[Stack]:
     """Every slice's mask grown in plane by a disc of ``radius_mm`` (slices without mask stay empty)."""
+    from scipy import ndimage  # here: the workflow's preprocess environment has no SciPy
+
     if radius_mm <= 0:
         return list(stacks)
     out = []
