@@ -58,18 +58,22 @@ def fit_to_volume(field: GaussianField, svr: SvrState, covered: Tensor, cfg: Fit
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     ids = torch.arange(field.n, device=pts.device)
+    n_step = max(1, round(cfg.voxel_fraction * len(pts)))
     for it in range(start, cfg.steps):
         if it % model.knn_every == 0:
             nbr = knn(field.means.detach(), pts, k, backend=model.knn_backend)
+        # each step's voxels depend on the step alone, so a resumed fit draws the same ones
+        step_idx = None if n_step == len(pts) else \
+            torch.randperm(len(pts), generator=torch.Generator().manual_seed(it))[:n_step].to(pts.device)
         optimizer.zero_grad(set_to_none=True)
         tables = pair_tables(field.means, field.log_scales, field.quats, field.values, None, ids, ids, mode=model.render_mode)
         packed = pack_tables(tables)
         leaf = packed.detach().requires_grad_(True)
         loss_value = 0.0
-        for lo in range(0, len(pts), model.chunk_pixels):
-            sel = slice(lo, lo + model.chunk_pixels)
+        for lo in range(0, n_step, model.chunk_pixels):
+            sel = slice(lo, lo + model.chunk_pixels) if step_idx is None else step_idx[lo : lo + model.chunk_pixels]
             pred = gaussian_sum_packed(pts[sel], nbr[sel], leaf, mode=model.render_mode, delta=model.delta)
-            loss = (pred - target[sel]).abs().sum() / len(pts)
+            loss = (pred - target[sel]).abs().sum() / n_step
             loss.backward()
             loss_value += loss.item()
         packed.backward(leaf.grad)
