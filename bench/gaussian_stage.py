@@ -83,12 +83,17 @@ def main() -> None:
 
     svr_stage.output_super_resolution = keep_weights
     t0 = time.perf_counter()
-    with deterministic():
-        state = ReconState(cfg=base, ck=Checkpointer(None, 0, base.model.knn_every, resume=False,
-                                                     stages=[s.NAME for s, _ in PIPELINE]), stacks=stacks, progress=False)
-        for stage, section in PIPELINE[:4]:
-            state = stage.run(state, getattr(base, section))
-    svr_stage.output_super_resolution = solve
+    try:
+        with deterministic():
+            state = ReconState(cfg=base, ck=Checkpointer(None, 0, base.model.knn_every, resume=False,
+                                                         stages=[s.NAME for s, _ in PIPELINE]), stacks=stacks, progress=False)
+            for stage, section in PIPELINE[:4]:
+                state = stage.run(state, getattr(base, section))
+    finally:
+        svr_stage.output_super_resolution = solve
+    if "w" not in kept:
+        sys.exit("bench/gaussian_stage.py: the config must run the SVR cycles and fit the Gaussians to their volume "
+                 "(svr, fit and init.from_svr on)")
     data, motion, svr, weight = state.data, state.motion, state.svr, kept["w"]
     for q in motion.parameters():
         q.requires_grad_(False)

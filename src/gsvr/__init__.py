@@ -1,4 +1,4 @@
-"""gsvr: slice-to-volume reconstruction with 3D Gaussian primitives and an exact analytic PSF.
+"""gsvr: slice-to-volume reconstruction with 3D Gaussian primitives and an analytic Gaussian PSF.
 
 The reconstruction names are imported on first use, so the I/O, preprocessing and evaluation
 modules (and the workflow's evaluation environment) do not need torch.

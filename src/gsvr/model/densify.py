@@ -6,9 +6,11 @@ the steps since the last control) is in the top ``joint.densify.fraction`` are d
 with scales divided by 1.6 (3DGS's factor). Gaussians whose intensity has vanished (|value| below
 ``prune_fraction`` of the median |value|) are removed.
 
-gsvr renders a plain sum of Gaussians (``exact`` mode), not an alpha blend, so each operation keeps
+gsvr renders a sum of Gaussians, not an alpha blend. In ``exact`` mode (a plain sum) each operation keeps
 the rendered volume: a clone and its original each carry half the intensity (the sum is unchanged),
-and the two halves of a split carry the intensity that keeps the total mass v * s1 s2 s3.
+and the two halves of a split carry the intensity that keeps the total mass v * s1 s2 s3. In ``normalized``
+mode (a weighted average of the intensities) the new Gaussians keep the intensity itself: halving it would pull
+the local average down (a constant field stays constant this way).
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ def densify_and_prune(field: GaussianField, mean_grad: Tensor, *, fraction: floa
 
     means, log_scales, quats = field.means.detach().clone(), field.log_scales.detach().clone(), field.quats.detach().clone()
     values = vals.clone()
-    values[clone] *= 0.5  # the original keeps half, the clone takes the other half
+    plain_sum = field.mode == "exact"
+    if plain_sum:
+        values[clone] *= 0.5  # the original keeps half, the clone takes the other half
     new_parts = [(means[clone], log_scales[clone], quats[clone], values[clone])]
     if split.any():
         cov = gaussian_covariance(field.log_scales[split], field.quats[split])
@@ -61,8 +65,8 @@ def densify_and_prune(field: GaussianField, mean_grad: Tensor, *, fraction: floa
         z = torch.randn(2, int(split.sum()), 3, generator=generator).to(cov.device)
         offsets = (chol[None] @ z[..., None])[..., 0]  # [2, S, 3] samples of each split Gaussian
         shrunk = log_scales[split] - torch.log(torch.tensor(SPLIT_SHRINK))
-        # Two halves of scale s / 1.6 carrying the mass v s^3: each v * 1.6^3 / 2.
-        half_value = values[split] * SPLIT_SHRINK ** 3 / 2
+        # Two halves of scale s / 1.6 carrying the mass v s^3: each v * 1.6^3 / 2 (a plain sum), or v (an average).
+        half_value = values[split] * SPLIT_SHRINK ** 3 / 2 if plain_sum else values[split]
         means[split] = means[split] + offsets[0]
         log_scales[split] = shrunk
         values[split] = half_value

@@ -1,4 +1,5 @@
-"""Stage fit: all Gaussian parameters fitted to the SVR volume at its covered voxels (L1, Adam, full batch),
+"""Stage fit: all Gaussian parameters fitted to the SVR volume at its covered voxels (L1, Adam; each step on a
+fresh ``fit.voxel_fraction`` of them),
 so the rendered field starts at the SVR volume's quality. Checkpointed every ``run.checkpoint_every`` steps."""
 
 from __future__ import annotations
