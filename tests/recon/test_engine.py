@@ -58,8 +58,8 @@ def test_the_fitted_field_does_not_depend_on_how_many_neighbours_are_summed(smal
     state, covered = _blob_volume(small_subject)
     model = ModelConfig(knn_every=20)
     field_ = field_from_volume(state, covered, InitConfig(), model, torch.Generator().manual_seed(0),
-                               n=int(covered.sum()) // 2, k=model.k_neighbors)
-    fit_to_volume(field_, state, covered, FitConfig(steps=40), model, k=model.k_neighbors)
+                               n=int(covered.sum()) // 4, k=model.k_neighbors)
+    fit_to_volume(field_, state, covered, FitConfig(steps=20), model, k=model.k_neighbors)
     pts = state.grid.points(state.volume.device)[covered & (state.volume > 0.2)]
     with torch.no_grad():
         near, far = field_.sample(pts, k=model.k_neighbors, delta=model.delta), field_.sample(pts, k=4 * model.k_neighbors, delta=model.delta)
