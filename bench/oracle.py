@@ -8,8 +8,8 @@ fresh process:
 - ``svr``: ``gsvr svr``, the voxel SVR the Gaussian stage starts from;
 - ``oracle_svr``: the voxel super-resolution at the output resolution given the *true* motions (no
   registration, unit weights), its Tikhonov weight tuned over ``--lambdas`` (the best is reported);
-- ``oracle_gsvr``: the Gaussian engine given the true motions with registration off (SVR cycles
-  without Gauss-Newton steps, no stack alignment, joint motion frozen).
+- ``oracle_gsvr``: the Gaussian engine (``--config`` or defaults) given the true motions with registration
+  off (SVR cycles without Gauss-Newton steps, no stack alignment, joint motion frozen).
 
 For the methods that estimate motion, the per-slice motion error against the truth after removing the
 common pose (:mod:`gsvr.evaluate.motion`): median / p90 / max of the rotation error (deg) and of the
@@ -48,7 +48,7 @@ def child(args) -> None:
     from gsvr.recon.config import ReconConfig
     from gsvr.recon.engine import reconstruct
 
-    cfg = ReconConfig.from_yaml(args.config) if args.config and args.method in ("gsvr", "svr") else ReconConfig()
+    cfg = ReconConfig.from_yaml(args.config) if args.config and args.method != "oracle_svr" else ReconConfig()
     stacks_p = sorted(str(p) for p in Path(args.sim).glob("stack?.nii.gz"))
     stacks = load_stacks(stacks_p, [s.replace(".nii.gz", "_mask.nii.gz") for s in stacks_p], [3.0] * len(stacks_p))
     truth = pd.read_csv(Path(args.sim) / "motions.tsv", sep="\t")
@@ -62,8 +62,8 @@ def child(args) -> None:
                                                      "svr.output_tikhonov_factors": None}), progress=False,
                                   initial_motion=truth)
     else:
-        res = reconstruct(stacks, cfg.updated({"align": None, "svr.reg_steps": 0, "joint.motion": False}), progress=False,
-                          initial_motion=truth)
+        frozen = {"align": None, "joint.motion": False} | ({"svr.reg_steps": 0} if cfg.svr is not None else {})
+        res = reconstruct(stacks, cfg.updated(frozen), progress=False, initial_motion=truth)
     wall = time.perf_counter() - t
     save_volume(args.out, res.volume.data, res.volume.affine)
     res.slices.to_csv(args.out.replace(".nii.gz", "_slices.tsv"), sep="\t", index=False)
@@ -74,7 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--subjects", nargs="+", default=SUBJECTS)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    p.add_argument("--config", help="reconstruction config YAML for gsvr and svr (defaults otherwise)")
+    p.add_argument("--config", help="reconstruction config YAML for gsvr, svr and oracle_gsvr (defaults otherwise)")
     p.add_argument("--lambdas", nargs="+", type=float, default=[0.02, 0.05, 0.1],
                    help="svr.tikhonov values the voxel oracle tries (relative gradient penalty of the last cycle)")
     p.add_argument("--atlas", default=str(ATLAS))
@@ -114,6 +114,12 @@ def main() -> None:
             sim = simulate_stacks(vol, mask, aff, SimulationConfig(obliquity_deg=8.0, noise_level=0.02, seed=1, **CASES["severe"]))
             paths = write_simulation(sim, sim_dir)
             points = slice_points(load_stacks(paths, [s.replace(".nii.gz", "_mask.nii.gz") for s in paths], [3.0] * len(paths)))
+            headers = sim.motions.copy()  # no correction: what a method that does not move a slice scores
+            headers = headers[[k in points for k in zip(headers.stack_index, headers.slice_index)]]
+            headers[["rx_deg", "ry_deg", "rz_deg", "tx_mm", "ty_mm", "tz_mm"]] = 0.0
+            s = summarise(motion_errors(headers, sim.motions, points))
+            print(f"# {subject}, the headers' motion error (no correction): rotation {s['rot_median']:.2f} / {s['rot_p90']:.2f} / "
+                  f"{s['rot_max']:.1f} deg, displacement {s['disp_median']:.2f} / {s['disp_p90']:.2f} / {s['disp_max']:.1f} mm", flush=True)
             for method in args.methods:
                 best = None
                 for lam in (args.lambdas if method == "oracle_svr" else [None]):

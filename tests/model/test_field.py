@@ -39,7 +39,7 @@ def test_the_state_round_trip_gives_the_same_parameters_and_samples(mode):
 def test_the_state_is_detached_on_the_cpu_and_float32():
     field = _field()
     state = field.state()
-    assert set(state) == {"means", "log_scales", "quats", "values", "mode"}
+    assert set(state) == {"means", "log_scales", "quats", "values", "mode", "intensity"}
     for name in ("means", "log_scales", "quats", "values"):
         t = state[name]
         assert not t.requires_grad and t.device.type == "cpu" and t.dtype == torch.float32
@@ -155,3 +155,16 @@ def test_exact_mode_init_divides_by_the_overlap_so_the_field_reproduces_the_pixe
     assert float(uncorrected.median()) > 1.0  # the overlap the correction removes (about 4x here)
     assert abs(float(at_means.median()) - 0.5) < 0.1
     assert (exact.values <= plain.values + 1e-7).all()  # divided by an overlap of at least 1
+
+
+def test_softplus_intensities_are_the_ones_given_and_survive_the_state_round_trip():
+    base = _field(n=6, mode="normalized")
+    wanted = torch.tensor([1e-3, 0.2, 1.0, 5.0, 30.0, 0.0])
+    field = GaussianField.with_intensities(base.means, base.log_scales, base.quats, wanted, mode="normalized",
+                                           intensity="softplus")
+    assert_close(field.intensities, wanted.clamp_min(1e-6), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        field.values.fill_(-50.0)  # any parameter: the intensity stays >= 0
+    assert (field.intensities >= 0).all()
+    again = GaussianField.from_state(field.state())
+    assert again.intensity == "softplus" and torch.equal(again.intensities, field.intensities)

@@ -40,7 +40,7 @@ def densify_and_prune(field: GaussianField, mean_grad: Tensor, *, fraction: floa
 
     ``mean_grad`` [N]: mean norm of each Gaussian's mean-position gradient since the last control."""
     n = field.n
-    vals = field.values.detach()
+    vals = field.intensities.detach()
     keep = vals.abs() >= prune_fraction * vals.abs().median()
     room = max(max_gaussians - int(keep.sum()), 0)
     n_grow = min(int(round(fraction * n)), room)
@@ -72,5 +72,6 @@ def densify_and_prune(field: GaussianField, mean_grad: Tensor, *, fraction: floa
         values[split] = half_value
         new_parts.append((means[split] - offsets[0] + offsets[1], shrunk, quats[split], half_value))
     parts = [(means[keep], log_scales[keep], quats[keep], values[keep])] + new_parts
-    out = GaussianField(*(torch.cat([p[i] for p in parts]) for i in range(4)), mode=field.mode)
+    out = GaussianField.with_intensities(*(torch.cat([p[i] for p in parts]) for i in range(4)), mode=field.mode,
+                                         intensity=field.intensity)
     return out, DensifyStats(int(clone.sum()), int(split.sum()), int((~keep).sum()))

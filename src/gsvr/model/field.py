@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gsvr.ops.gaussians import gaussian_sum, pair_tables
@@ -16,22 +17,40 @@ class GaussianField(nn.Module):
         means: [N, 3] centres (mm).
         log_scales: [N, 3] log standard deviations along the principal axes (log mm).
         quats: [N, 4] rotations (w, x, y, z), unnormalised.
-        values: [N] intensities (normalised units).
+        values: [N] the intensity parameters: the intensities themselves (``intensity="linear"``) or
+            their inverse softplus (``"softplus"``: intensities never negative, GSVR's public code).
     """
 
-    def __init__(self, means: Tensor, log_scales: Tensor, quats: Tensor, values: Tensor, *, mode: str) -> None:
+    def __init__(self, means: Tensor, log_scales: Tensor, quats: Tensor, values: Tensor, *, mode: str,
+                 intensity: str = "linear") -> None:
         super().__init__()
         self.means = nn.Parameter(means.float())
         self.log_scales = nn.Parameter(log_scales.float())
         self.quats = nn.Parameter(quats.float())
         self.values = nn.Parameter(values.float())
         self.mode = mode
+        self.intensity = intensity
+
+    @classmethod
+    def with_intensities(cls, means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor, *, mode: str,
+                         intensity: str = "linear") -> "GaussianField":
+        """A field whose Gaussians have the intensities [N] (their parameters derived for ``intensity``)."""
+        if intensity == "softplus":  # the inverse softplus; above 20 softplus(x) = x in float32
+            v = intensities.float().clamp_min(1e-6)
+            intensities = torch.where(v > 20, v, torch.log(torch.expm1(v.clamp_max(20))))
+        return cls(means, log_scales, quats, intensities, mode=mode, intensity=intensity)
+
+    @property
+    def intensities(self) -> Tensor:
+        """[N] the Gaussians' intensities (differentiable)."""
+        return F.softplus(self.values) if self.intensity == "softplus" else self.values
 
     @torch.no_grad()
     def replace_with(self, other: "GaussianField") -> None:
         """Take over ``other``'s Gaussians (new Parameters: the number of Gaussians may change)."""
         for name in ("means", "log_scales", "quats", "values"):
             setattr(self, name, nn.Parameter(getattr(other, name).detach().clone()))
+        self.intensity = other.intensity
 
     @property
     def n(self) -> int:
@@ -40,7 +59,7 @@ class GaussianField(nn.Module):
     def tables(self) -> "object":
         """Per-Gaussian tables without PSF (for sampling the volume itself)."""
         ids = torch.arange(self.n, device=self.means.device)
-        return pair_tables(self.means, self.log_scales, self.quats, self.values, None, ids, ids, mode=self.mode)
+        return pair_tables(self.means, self.log_scales, self.quats, self.intensities, None, ids, ids, mode=self.mode)
 
     @torch.no_grad()
     def sample(self, points: Tensor, *, k: int, knn_backend: str = "auto", chunk: int = 65536, delta: float = 1e-4) -> Tensor:
@@ -61,11 +80,13 @@ class GaussianField(nn.Module):
             "quats": self.quats.detach().cpu(),
             "values": self.values.detach().cpu(),
             "mode": self.mode,
+            "intensity": self.intensity,
         }
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device | str = "cpu") -> "GaussianField":
-        return cls(*(state[k].to(device) for k in ("means", "log_scales", "quats", "values")), mode=state["mode"])
+        return cls(*(state[k].to(device) for k in ("means", "log_scales", "quats", "values")), mode=state["mode"],
+                   intensity=state.get("intensity", "linear"))
 
 
 def content_adaptive_init(
@@ -81,6 +102,7 @@ def content_adaptive_init(
     scale_bounds_mm: tuple[float, float],
     generator: torch.Generator,
     knn_backend: str = "auto",
+    intensity: str = "linear",
 ) -> GaussianField:
     """GSVR Sec. 2.5: sample means from slice pixels with P ~ (1 - lambda) |grad I| + lambda.
 
@@ -95,6 +117,7 @@ def content_adaptive_init(
             the initial field reproduces the sampled values.
         k: neighbours used for the overlap correction.
         scale_bounds_mm: clamp of the initial isotropic scale.
+        intensity: the field's intensity parametrisation (:class:`GaussianField`).
     """
     device = positions.device
     g = grad_mag / grad_mag.mean().clamp_min(1e-12)
@@ -111,11 +134,9 @@ def content_adaptive_init(
     log_scales = scale.log()[:, None].repeat(1, 3)
     quats = torch.zeros(n, 4, device=device)
     quats[:, 0] = 1.0
-    field = GaussianField(means, log_scales, quats, values[ids].clone(), mode=mode)
+    initial = values[ids].clone()
     if mode == "exact":
-        with torch.no_grad():
-            ones = GaussianField(means, log_scales, quats, torch.ones(n, device=device), mode=mode)
-            overlap = ones.sample(means, k=k, knn_backend=knn_backend)
-            field.values.div_(overlap.clamp_min(1.0))
-    return field
+        ones = GaussianField(means, log_scales, quats, torch.ones(n, device=device), mode=mode)
+        initial = initial / ones.sample(means, k=k, knn_backend=knn_backend).clamp_min(1.0)
+    return GaussianField.with_intensities(means, log_scales, quats, initial, mode=mode, intensity=intensity)
 

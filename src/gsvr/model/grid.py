@@ -41,13 +41,13 @@ class GaussianGrid:
         """[N, 3] node positions (mm)."""
         return self.grid.points(device).reshape(-1, 3)[self.active.to(device)]
 
-    def field(self, values: Tensor, *, scale_factor: float, mode: str) -> GaussianField:
-        """Isotropic Gaussians at the nodes, standard deviation ``scale_factor`` x spacing."""
+    def field(self, values: Tensor, *, scale_factor: float, mode: str, intensity: str = "linear") -> GaussianField:
+        """Isotropic Gaussians at the nodes with intensities ``values``, standard deviation ``scale_factor`` x spacing."""
         pos = self.positions(values.device)
         log_scales = torch.full_like(pos, math.log(scale_factor * self.grid.spacing_mm))
         quats = torch.zeros(len(pos), 4, device=pos.device)
         quats[:, 0] = 1.0
-        return GaussianField(pos, log_scales, quats, values, mode=mode)
+        return GaussianField.with_intensities(pos, log_scales, quats, values, mode=mode, intensity=intensity)
 
     def _dense(self, channels: Tensor) -> Tensor:
         """[N, C] on the active nodes -> [1, C + 1, I, J, K] (last channel: activity)."""
@@ -71,7 +71,7 @@ class GaussianGrid:
         old_pos = self.positions(dev)
         quats = F.normalize(field.quats, dim=-1)
         quats = quats * torch.where(quats[:, :1] < 0, -1.0, 1.0)
-        channels = torch.cat([field.values[:, None], field.log_scales, field.means - old_pos, quats], -1)  # [N, 11]
+        channels = torch.cat([field.intensities.detach()[:, None], field.log_scales, field.means - old_pos, quats], -1)  # [N, 11]
         pos = new.positions(dev)
         coords = self.grid.normalised(pos)[None, :, None, None, :]
         samp = F.grid_sample(self._dense(channels), coords, mode="bilinear", align_corners=True)[0, :, :, 0, 0].T  # [N', 12]
@@ -88,5 +88,5 @@ class GaussianGrid:
         after = refined.sample(refined.means, k=k, knn_backend=knn_backend)
         safe = after.abs() > 1e-6
         ratio = torch.where(safe, before / torch.where(safe, after, 1.0), 1.0)
-        refined.values.mul_(ratio.clamp(0.25, 4.0))
-        return new, refined
+        return new, GaussianField.with_intensities(refined.means, log_scales, quats, values * ratio.clamp(0.25, 4.0),
+                                                   mode=field.mode, intensity=field.intensity)

@@ -118,6 +118,9 @@ class ModelConfig:
     render_mode: str = "normalized"  #: "normalized" (GSVR Eq. 5: a value K barely changes) or "exact" (the plain sum: its value depends on K; docs/results.md section 16)
     psf: bool = True  #: model the slice PSF (false: point sampling, the "no PSF" ablation)
     delta: float = 1e-4  #: stabiliser of the normalized mode's denominator
+    #: the Gaussians' intensities: "linear" (the parameter itself) or "softplus" (softplus of the parameter, never
+    #: negative: GSVR's public code)
+    intensity: str = "linear"
     knn_every: int = 50  #: steps between neighbour-index rebuilds (fit and joint stages)
     knn_backend: str = "auto"  #: "auto", "kdtree", "faiss" or "torch"
     chunk_pixels: int = 8_192  #: pixels per forward/backward chunk (bounds memory)
@@ -125,6 +128,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _one_of(self, "model", "render_mode", ("exact", "normalized"))
         _one_of(self, "model", "knn_backend", ("auto", "kdtree", "faiss", "torch"))
+        _one_of(self, "model", "intensity", ("linear", "softplus"))
         _positive(self, "model", "k_neighbors", "knn_every", "chunk_pixels")
         _positive(self, "model", "delta", strict=False)
 
@@ -235,13 +239,22 @@ class LossConfig:
     tv_weight: float = 0.0  #: weight of the total variation of the predicted slices (GaussianSVR)
     scale_reg_weight: float = 2.5e-3  #: lambda_reg of GSVR Eq. 7
     scale_target_mm: float = 1.6  #: s_target of GSVR Eq. 7
+    #: "two_sided": the mean over Gaussians of sum_axes (s - s_target)^2 (GSVR Eq. 7); "lower": the mean over
+    #: Gaussians and axes of max(log s_target - log s, 0)^2, only Gaussians smaller than the target pay (GSVR's public code)
+    scale_reg: str = "two_sided"
+    #: weight of the mean over slices and axes of q_xyz^2, q the unit quaternion of the slice rotation (GSVR's public code: 0.01)
+    motion_rotation_weight: float = 0.0
+    #: weight of the mean over slices and axes of t^2, t the slice translation in mm (GSVR's public code: 2e-4)
+    motion_translation_weight: float = 0.0
     gauge_weight: float = 1.0  #: keeps the mean slice motion and mean slice scale at zero
     anisotropy: Optional[AnisotropyConfig] = None  #: M-Gaussian's anisotropy penalty (null: off)
 
     def __post_init__(self) -> None:
         _one_of(self, "joint.loss", "pixel", ("l1", "smooth_l1"))
+        _one_of(self, "joint.loss", "scale_reg", ("two_sided", "lower"))
         _positive(self, "joint.loss", "smooth_l1_beta", "scale_target_mm")
-        _positive(self, "joint.loss", "ssim_weight", "tv_weight", "scale_reg_weight", "gauge_weight", strict=False)
+        _positive(self, "joint.loss", "ssim_weight", "tv_weight", "scale_reg_weight", "gauge_weight",
+                  "motion_rotation_weight", "motion_translation_weight", strict=False)
         _check(self.ssim_window >= 3 and self.ssim_window % 2 == 1, "joint.loss.ssim_window",
                f"must be an odd number >= 3, got {self.ssim_window}")
 
@@ -403,6 +416,8 @@ class ReconConfig:
     def __post_init__(self) -> None:
         _check(not (self.joint.progressive and not (self.motion and self.svr and self.init.from_svr)), "joint.progressive",
                "starts the grid from the SVR volume: it needs motion: true, an svr section and init.from_svr: true")
+        _check(not (self.joint.residual_field and self.model.intensity == "softplus"), "joint.residual_field",
+               "adds to linear intensities: it needs model.intensity: linear")
 
     @property
     def svr_cycles_run(self) -> bool:

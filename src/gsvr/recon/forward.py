@@ -107,7 +107,7 @@ def render_slices(field: GaussianField, motion: SliceMotion, data: SliceData, nb
     """
     rotation = motion.rotation() if motion_on else motion.rotation().detach()
     psf_cov = motion.psf_cov(data, rotation) if model.psf else None
-    values = field.values if residual is None else field.values + residual(field.means)
+    values = field.intensities if residual is None else field.intensities + residual(field.means)
     tables = pair_tables(field.means, field.log_scales, field.quats, values, psf_cov,
                          nbrs.pair_slice, nbrs.pair_gauss, mode=model.render_mode)
     trans = motion.trans if motion_on else motion.trans.detach()

@@ -14,6 +14,7 @@ adds ``<gradient, prediction>`` to each chunk's loss, which back-propagates exac
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -107,10 +108,29 @@ def anisotropy_penalty(log_scales: Tensor, max_ratio: float) -> Tensor:
     return (ratio - max_ratio).clamp_min(0).mean()
 
 
+def scale_penalty(log_scales: Tensor, cfg: "LossConfig") -> Tensor:
+    """GSVR's scale regulariser: Eq. 7 of the paper (``two_sided``) or its public code's one-sided bound on
+    the log scales (``lower``), unweighted."""
+    if cfg.scale_reg == "lower":
+        return (math.log(cfg.scale_target_mm) - log_scales).clamp_min(0).square().mean()
+    return (torch.exp(log_scales) - cfg.scale_target_mm).square().sum(-1).mean()
+
+
+def motion_penalty(motion: "SliceMotion", cfg: "LossConfig") -> Tensor:
+    """GSVR's motion regulariser: ``motion_rotation_weight`` x the mean over slices and axes of q_xyz^2 (q the
+    unit quaternion of the rotation vector r: q_xyz = sin(|r| / 2) r / |r|) plus ``motion_translation_weight``
+    x the mean of t^2 (mm^2)."""
+    theta = (motion.rotvec.square().sum(-1, keepdim=True) + 1e-12).sqrt()
+    q_xyz = motion.rotvec * torch.sin(0.5 * theta) / theta
+    return cfg.motion_rotation_weight * q_xyz.square().mean() + cfg.motion_translation_weight * motion.trans.square().mean()
+
+
 def regularise(field: "GaussianField", motion: "SliceMotion", cfg: "LossConfig") -> float:
-    """GSVR's scale regulariser, M-Gaussian's anisotropy penalty and a gauge term pinning the mean slice
-    motion and scale, back-propagated; returns their value."""
-    reg = cfg.scale_reg_weight * (torch.exp(field.log_scales) - cfg.scale_target_mm).square().sum(-1).mean()
+    """GSVR's scale and motion regularisers, M-Gaussian's anisotropy penalty and a gauge term pinning the
+    mean slice motion and scale, back-propagated; returns their value."""
+    reg = cfg.scale_reg_weight * scale_penalty(field.log_scales, cfg)
+    if cfg.motion_rotation_weight > 0 or cfg.motion_translation_weight > 0:
+        reg = reg + motion_penalty(motion, cfg)
     if cfg.anisotropy is not None and cfg.anisotropy.weight > 0:
         reg = reg + cfg.anisotropy.weight * anisotropy_penalty(field.log_scales, cfg.anisotropy.max_ratio)
     gauge = cfg.gauge_weight * (

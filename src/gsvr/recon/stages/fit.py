@@ -67,7 +67,7 @@ def fit_to_volume(field: GaussianField, svr: SvrState, covered: Tensor, cfg: Fit
         step_idx = None if n_step == len(pts) else \
             torch.randperm(len(pts), generator=torch.Generator().manual_seed(it))[:n_step].to(pts.device)
         optimizer.zero_grad(set_to_none=True)
-        tables = pair_tables(field.means, field.log_scales, field.quats, field.values, None, ids, ids, mode=model.render_mode)
+        tables = pair_tables(field.means, field.log_scales, field.quats, field.intensities, None, ids, ids, mode=model.render_mode)
         packed = pack_tables(tables)
         leaf = packed.detach().requires_grad_(True)
         loss_value = 0.0

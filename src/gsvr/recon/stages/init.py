@@ -61,6 +61,7 @@ def field_from_slices(data: SliceData, motion: SliceMotion, cfg: InitConfig, mod
         x, data.y, data.grad_mag if cfg.adaptive else torch.ones_like(data.grad_mag), data.jitter_mm,
         n=n, lambda_init=cfg.lambda_init if cfg.adaptive else 1.0, mode=model.render_mode, k=min(k, n),
         scale_bounds_mm=(cfg.scale_min_mm, cfg.scale_max_mm), generator=gen, knn_backend=model.knn_backend,
+        intensity=model.intensity,
     )
 
 
@@ -75,6 +76,7 @@ def field_from_volume(svr: SvrState, covered: torch.Tensor, cfg: InitConfig, mod
         pts, svr.volume[covered], grad[covered] if cfg.adaptive else torch.ones_like(pts[:, 0]), half,
         n=min(n, len(pts)), lambda_init=cfg.lambda_init if cfg.adaptive else 1.0, mode=model.render_mode, k=min(k, n),
         scale_bounds_mm=(cfg.scale_min_mm, cfg.scale_max_mm), generator=gen, knn_backend=model.knn_backend,
+        intensity=model.intensity,
     )
 
 
@@ -84,9 +86,7 @@ def field_on_grid(svr: SvrState, grid: GaussianGrid, model: ModelConfig, grid_sc
     pos = grid.positions(svr.volume.device)
     coords = svr.grid.normalised(pos)[None, :, None, None, :]
     values = torch.nn.functional.grid_sample(svr.volume[None, None], coords, align_corners=True)[0, 0, :, 0, 0]
-    field = grid.field(values.clone(), scale_factor=grid_scale, mode=model.render_mode)
     if model.render_mode == "exact":
-        with torch.no_grad():
-            ones = grid.field(torch.ones_like(values), scale_factor=grid_scale, mode=model.render_mode)
-            field.values.div_(ones.sample(pos, k=min(k, field.n), knn_backend=model.knn_backend).clamp_min(1e-6))
-    return field
+        ones = grid.field(torch.ones_like(values), scale_factor=grid_scale, mode=model.render_mode)
+        values = values / ones.sample(pos, k=min(k, ones.n), knn_backend=model.knn_backend).clamp_min(1e-6)
+    return grid.field(values.clone(), scale_factor=grid_scale, mode=model.render_mode, intensity=model.intensity)
