@@ -119,7 +119,8 @@ def main() -> None:
             headers[["rx_deg", "ry_deg", "rz_deg", "tx_mm", "ty_mm", "tz_mm"]] = 0.0
             s = summarise(motion_errors(headers, sim.motions, points))
             print(f"# {subject}, the headers' motion error (no correction): rotation {s['rot_median']:.2f} / {s['rot_p90']:.2f} / "
-                  f"{s['rot_max']:.1f} deg, displacement {s['disp_median']:.2f} / {s['disp_p90']:.2f} / {s['disp_max']:.1f} mm", flush=True)
+                  f"{s['rot_max']:.1f} deg, displacement {s['disp_median']:.2f} / {s['disp_p90']:.2f} / {s['disp_max']:.1f} mm, "
+                  f"{s['n_bad']} of {len(headers)} slices above 5 deg", flush=True)
             for method in args.methods:
                 best = None
                 for lam in (args.lambdas if method == "oracle_svr" else [None]):

@@ -55,15 +55,17 @@ def test_density_control_keeps_the_rendered_volume():
     assert float(total_after) == pytest.approx(float(total_before), rel=0.03)
 
 
-def test_in_the_normalized_mode_clones_and_splits_keep_a_constant_field_constant():
+@pytest.mark.parametrize("intensity", ["linear", "softplus"])
+def test_in_the_normalized_mode_clones_and_splits_keep_a_constant_field_constant(intensity):
     """The soft-normalised field is a weighted average: new Gaussians keep the intensity (halving it, as the plain
-    sum needs, would pull the field down)."""
+    sum needs, would pull the field down), whatever its parametrisation."""
     field = _field()
-    field = GaussianField(field.means, field.log_scales, field.quats, torch.ones(field.n), mode="normalized")
+    field = GaussianField.with_intensities(field.means, field.log_scales, field.quats, torch.ones(field.n),
+                                           mode="normalized", intensity=intensity)
     grad = torch.rand(field.n, generator=torch.Generator().manual_seed(3))
     new, stats = densify_and_prune(field, grad, fraction=0.2, split_scale_mm=1.3, prune_fraction=0.02,
                                    max_gaussians=10_000, generator=torch.Generator().manual_seed(1))
-    assert stats.cloned > 0 and stats.split > 0
+    assert stats.cloned > 0 and stats.split > 0 and new.intensity == intensity
     pts = (torch.rand(2000, 3, generator=torch.Generator().manual_seed(4)) - 0.5) * 24
     torch.testing.assert_close(new.sample(pts, k=32, delta=1e-6), torch.ones(len(pts)), rtol=1e-3, atol=1e-3)
 

@@ -1,6 +1,7 @@
 """M-Gaussian's progressive grid: refinement keeps the rendered volume; the engine runs it."""
 
 import numpy as np
+import pytest
 import torch
 
 from gsvr.model.grid import GaussianGrid
@@ -13,18 +14,19 @@ def _smooth(p):
     return 1 + 0.5 * torch.sin(p[:, 0] / 6) * torch.cos(p[:, 1] / 7) + 0.3 * torch.sin(p[:, 2] / 5)
 
 
-def test_refining_the_grid_keeps_the_rendered_volume_at_the_switch():
+@pytest.mark.parametrize("intensity", ["linear", "softplus"])
+def test_refining_the_grid_keeps_the_rendered_volume_at_the_switch(intensity):
     torch.manual_seed(0)
     box = VoxelGrid((-30.0, -30.0, -30.0), 1.0, (61, 61, 61))
     support = lambda p: p.norm(dim=-1) < 28
     coarse = GaussianGrid.inside(box, 3.2, support)
-    field = coarse.field(_smooth(coarse.positions()), scale_factor=1.0, mode="exact")
+    field = coarse.field(_smooth(coarse.positions()), scale_factor=1.0, mode="exact", intensity=intensity)
     with torch.no_grad():  # an optimised field: Gaussians moved, stretched and turned
         field.log_scales.add_(0.15 * torch.randn_like(field.log_scales))
         field.quats.add_(0.2 * torch.randn_like(field.quats))
         field.means.add_(0.3 * torch.randn_like(field.means))
     fine, refined = coarse.refine(field, 1.6, support, k=32)
-    assert fine.grid.spacing_mm == 1.6 and 7 < refined.n / field.n < 9  # twice as fine per axis
+    assert refined.intensity == intensity and fine.grid.spacing_mm == 1.6 and 7 < refined.n / field.n < 9  # twice as fine per axis
     # Scales follow the spacing; every new Gaussian sits inside the support.
     ratio = torch.exp(refined.log_scales.mean() - field.log_scales.mean())
     assert abs(float(ratio.detach()) - 0.5) < 0.05

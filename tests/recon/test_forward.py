@@ -12,7 +12,7 @@ from gsvr.recon.forward import Neighbours, current_positions, render_slices
 from gsvr.recon.slices import SliceMotion, build_slice_data, transform_points
 
 
-def _case(mode: str):
+def _case(mode: str, intensity: str = "linear"):
     rng = np.random.default_rng(0)
     affine = np.diag([1.5, 1.5, 3.0, 1.0])
     affine[:3, 3] = [-9.0, -9.0, -4.5]
@@ -22,7 +22,7 @@ def _case(mode: str):
     g = torch.Generator().manual_seed(0)
     n = 60
     field = GaussianField(torch.rand(n, 3, generator=g) * 18 - 9, torch.log(1.0 + torch.rand(n, 3, generator=g)),
-                          torch.randn(n, 4, generator=g), torch.rand(n, generator=g), mode=mode)
+                          torch.randn(n, 4, generator=g), torch.rand(n, generator=g), mode=mode, intensity=intensity)
     motion = SliceMotion(data.n_slices, torch.device("cpu"))
     with torch.no_grad():
         motion.rotvec.copy_(0.05 * torch.randn(data.n_slices, 3, generator=g))
@@ -31,9 +31,9 @@ def _case(mode: str):
     return data, field, motion
 
 
-@pytest.mark.parametrize("mode", ["exact", "normalized"])
-def test_two_stage_rendering_matches_the_reference_in_values_and_gradients(mode):
-    data, field, motion = _case(mode)
+@pytest.mark.parametrize("mode, intensity", [("exact", "linear"), ("normalized", "linear"), ("normalized", "softplus")])
+def test_two_stage_rendering_matches_the_reference_in_values_and_gradients(mode, intensity):
+    data, field, motion = _case(mode, intensity)
     model = ModelConfig(k_neighbors=8, render_mode=mode, knn_backend="torch")
     nbrs = Neighbours(None)
     nbrs.refresh(current_positions(data, motion), data.slice_idx, field.means, 8, "torch")
@@ -48,7 +48,7 @@ def test_two_stage_rendering_matches_the_reference_in_values_and_gradients(mode)
 
     gauss = nbrs.pair_gauss[nbrs.nbr_pair]  # [P, K] the Gaussian behind each pixel's neighbour
     x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
-    ref = render_reference(x, data.slice_idx, gauss, field.means, field.log_scales, field.quats, field.values,
+    ref = render_reference(x, data.slice_idx, gauss, field.means, field.log_scales, field.quats, field.intensities,
                            motion.psf_cov(data, motion.rotation()), mode=mode, delta=model.delta)
     ref = ref * torch.exp(motion.log_scale)[data.slice_idx]
     (ref * torch.arange(len(data.y))).sum().backward()

@@ -215,6 +215,10 @@ def test_gsvrs_motion_and_one_sided_scale_regularisers_have_their_closed_form():
     motion.rotvec.grad = None
     motion_penalty(motion, loss).backward()  # finite at the identity (slice 1)
     assert torch.isfinite(motion.rotvec.grad).all() and motion.rotvec.grad[1].abs().max() == 0
+    with pytest.raises(GsvrError, match="scale_reg"):
+        ReconConfig.from_dict({"joint": {"loss": {"scale_reg": "upper"}}})
+    with pytest.raises(GsvrError, match="model.intensity: linear"):
+        ReconConfig.from_dict({"model": {"intensity": "softplus"}, "joint": {"residual_field": {}}})
 
 
 def test_the_gsvr_paper_preset_reconstructs_from_the_headers(small_subject, tiny_stacks):
@@ -227,6 +231,7 @@ def test_the_gsvr_paper_preset_reconstructs_from_the_headers(small_subject, tiny
         {"init.n_gaussians": 2000, "joint.steps": 8, "output.resolution_mm": 1.6})
     assert cfg.svr is None and cfg.align is None and cfg.fit is None and cfg.model.intensity == "softplus"
     res = reconstruct(tiny_stacks, cfg, progress=False)
-    assert np.isfinite(res.volume.data).all() and res.volume.data.min() >= 0 and res.volume.data.max() > 0.5
+    assert np.isfinite(res.volume.data).all() and res.volume.data.max() > 0.5
+    assert res.model["field"]["intensity"] == "softplus"
     assert (res.slices.weight == 1).all() and (res.slices.intensity_scale == 1).all()
     assert res.slices[["tx_mm", "ty_mm", "tz_mm"]].abs().to_numpy().max() > 1e-3

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gsvr.errors import GsvrError
 from gsvr.ops.gaussians import gaussian_sum, pair_tables
 from gsvr.ops.knn import knn
 
@@ -24,6 +25,8 @@ class GaussianField(nn.Module):
     def __init__(self, means: Tensor, log_scales: Tensor, quats: Tensor, values: Tensor, *, mode: str,
                  intensity: str = "linear") -> None:
         super().__init__()
+        if intensity not in ("linear", "softplus"):
+            raise GsvrError(f"unknown intensity parametrisation {intensity!r} (a model of another gsvr version?)")
         self.means = nn.Parameter(means.float())
         self.log_scales = nn.Parameter(log_scales.float())
         self.quats = nn.Parameter(quats.float())
