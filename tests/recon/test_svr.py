@@ -186,14 +186,23 @@ def test_a_slice_whose_intensity_scale_hits_the_clamp_loses_its_weight_and_ordin
     assert (w[:7] > 0.9).all() and (w[7:] < 0.05).all(), w
 
 
+def test_a_slice_whose_registration_fits_worse_than_the_others_loses_its_weight_and_a_better_fit_does_not():
+    from gsvr.recon.svr import ncc_outlier_weights
+
+    ncc = torch.tensor([0.988, 0.985, 0.990, 0.992, 0.987, 0.989, 0.999, 0.96, -0.6])
+    w = ncc_outlier_weights(ncc, 2.0)
+    assert (w[:7] > 0.9).all() and (w[7:] < 0.2).all(), w
+
+
 def test_scale_outlier_setting_is_checked_and_can_be_switched_off():
     from gsvr.errors import GsvrError
     from gsvr.recon.config import ReconConfig
 
     assert ReconConfig.from_dict({"svr": {"scale_outlier_z": None}}).svr.scale_outlier_z is None
     for bad in (0, -1.0, float("nan")):
-        with pytest.raises(GsvrError, match="scale_outlier_z"):
-            ReconConfig.from_dict({"svr": {"scale_outlier_z": bad}})
+        for name in ("scale_outlier_z", "ncc_outlier_z"):
+            with pytest.raises(GsvrError, match=name):
+                ReconConfig.from_dict({"svr": {name: bad}})
 
 
 def test_the_held_out_pixels_are_a_fixed_spread_fraction():

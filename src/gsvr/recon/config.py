@@ -70,6 +70,10 @@ class SvrSettings:
     #: by exp(-1/2 (z / scale_outlier_z)^2), z = |log scale - median| / max(1.4826 MAD, 0.05) (a slice turned off its
     #: anatomy needs a scale at the clamp to fit; docs/results.md section 11); null: off
     scale_outlier_z: float | None = 4.0
+    #: registration failures seen by their fit: a slice whose NCC after its leave-one-out registration lies below
+    #: the other slices' is down-weighted by exp(-1/2 (z / ncc_outlier_z)^2), z = max(median - NCC, 0) /
+    #: max(1.4826 MAD, 0.005) (slice cycles only; docs/results.md section 16); null: off
+    ncc_outlier_z: float | None = None
     chunk_pixels: int = 65_536
     margin_mm: float = 4.0  #: the voxel grid covers the slices' in-mask pixels plus this margin
     #: factors of the gradient penalty of the super-resolution on the output grid after the cycles (svr_classic's
@@ -92,8 +96,10 @@ class SvrSettings:
         for name in ("cg_iterations", "reg_steps", "translation_only_cycles", "lm_damping", "tikhonov", "margin_mm"):
             if getattr(self, name) < 0:
                 raise GsvrError(f"config: svr.{name} must be >= 0, got {getattr(self, name)}")
-        if self.scale_outlier_z is not None and not (math.isfinite(self.scale_outlier_z) and self.scale_outlier_z > 0):
-            raise GsvrError(f"config: svr.scale_outlier_z must be a finite number > 0 or null, got {self.scale_outlier_z}")
+        for name in ("scale_outlier_z", "ncc_outlier_z"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise GsvrError(f"config: svr.{name} must be a finite number > 0 or null, got {v}")
         for name in ("max_step_rad", "max_step_mm", "prior_rotation_rad", "prior_translation_mm", "edge_delta"):
             if not getattr(self, name) > 0:
                 raise GsvrError(f"config: svr.{name} must be > 0, got {getattr(self, name)}")

@@ -252,6 +252,8 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
             weights = weight_fn(mean_res)
         if s.scale_outlier_z is not None:
             weights = weights * scale_outlier_weights(motion.log_scale.detach(), s.scale_outlier_z)
+        if s.ncc_outlier_z is not None and not whole_stacks and loo:
+            weights = weights * ncc_outlier_weights(ncc, s.ncc_outlier_z)
         remove_global_motion(data, motion)
         log.info("svr cycle %d (%.1f mm, %s): median slice NCC %.3f", cycle + 1, spacing,
                  "whole stacks" if whole_stacks else "slices", float(ncc.median()))
@@ -269,6 +271,14 @@ def scale_outlier_weights(log_scale: Tensor, z_scale: float, floor: float = 0.05
     med = log_scale.median()
     spread = torch.clamp(1.4826 * (log_scale - med).abs().median(), min=floor)
     return torch.exp(-0.5 * ((log_scale - med).abs() / spread / z_scale).square())
+
+
+def ncc_outlier_weights(ncc: Tensor, z_scale: float, floor: float = 0.005) -> Tensor:
+    """[M] weights exp(-1/2 (z / z_scale)^2) of the slices' one-sided robust z-score of registration NCC
+    (only a fit worse than the other slices' counts; see SvrSettings)."""
+    med = ncc.median()
+    spread = torch.clamp(1.4826 * (ncc - med).abs().median(), min=floor)
+    return torch.exp(-0.5 * ((med - ncc).clamp_min(0) / spread / z_scale).square())
 
 
 @torch.no_grad()
