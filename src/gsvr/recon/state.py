@@ -21,7 +21,7 @@ from gsvr.recon.checkpoint import Checkpointer
 from gsvr.recon.config import ReconConfig, SliceWeightsConfig
 from gsvr.geometry import matrix_to_axis_angle
 from gsvr.recon.slices import SliceData, SliceMotion, header_motion
-from gsvr.recon.svr import SvrState
+from gsvr.recon.svr import SvrState, robust_outlier_weights
 from gsvr.recon.volume import SampledVolume
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,7 @@ def log_peak_memory(after: str) -> None:
 
 def robust_slice_weights(mean_abs_res: Tensor, cfg: SliceWeightsConfig) -> Tensor:
     """GSVR public code: z = (r - median) / max(1.4826 MAD, floor); w = exp(-1/2 (max(z, 0) / s)^2)."""
-    med = mean_abs_res.median()
-    mad = (mean_abs_res - med).abs().median()
-    z = (mean_abs_res - med) / torch.clamp(1.4826 * mad, min=cfg.mad_floor)
-    return torch.exp(-0.5 * (z.clamp_min(0) / cfg.z_scale).square())
+    return robust_outlier_weights(mean_abs_res, cfg.z_scale, cfg.mad_floor, "above")
 
 
 def slice_weight_fn(cfg: ReconConfig):

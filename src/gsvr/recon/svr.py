@@ -266,19 +266,25 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
     return SvrState(vol, grid), weights, pixel_weights
 
 
+def robust_outlier_weights(x: Tensor, z_scale: float, floor: float, side: str) -> Tensor:
+    """[M] weights exp(-1/2 (z / z_scale)^2) of a robust z-score of ``x`` [M]: z = d / max(1.4826 MAD, floor) with
+    d = x - median (``side="above"``: only values above the median lose weight), median - x (``"below"``) or
+    |x - median| (``"both"``)."""
+    med = x.median()
+    spread = torch.clamp(1.4826 * (x - med).abs().median(), min=floor)
+    dev = {"above": x - med, "below": med - x, "both": (x - med).abs()}[side]
+    return torch.exp(-0.5 * (dev.clamp_min(0) / spread / z_scale).square())
+
+
 def scale_outlier_weights(log_scale: Tensor, z_scale: float, floor: float = 0.05) -> Tensor:
-    """[M] weights exp(-1/2 (z / z_scale)^2) of the slices' robust z-score of log intensity scale (see SvrSettings)."""
-    med = log_scale.median()
-    spread = torch.clamp(1.4826 * (log_scale - med).abs().median(), min=floor)
-    return torch.exp(-0.5 * ((log_scale - med).abs() / spread / z_scale).square())
+    """[M] weights of the slices' robust z-score of log intensity scale, both ways (see SvrSettings)."""
+    return robust_outlier_weights(log_scale, z_scale, floor, "both")
 
 
 def ncc_outlier_weights(ncc: Tensor, z_scale: float, floor: float = 0.005) -> Tensor:
-    """[M] weights exp(-1/2 (z / z_scale)^2) of the slices' one-sided robust z-score of registration NCC
-    (only a fit worse than the other slices' counts; see SvrSettings)."""
-    med = ncc.median()
-    spread = torch.clamp(1.4826 * (ncc - med).abs().median(), min=floor)
-    return torch.exp(-0.5 * ((med - ncc).clamp_min(0) / spread / z_scale).square())
+    """[M] weights of the slices' robust z-score of registration NCC, only a fit worse than the other slices'
+    counting (see SvrSettings)."""
+    return robust_outlier_weights(ncc, z_scale, floor, "below")
 
 
 @torch.no_grad()
