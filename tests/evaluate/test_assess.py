@@ -82,13 +82,17 @@ def test_slices_registered_from_their_own_starts_fit_motion_beyond_the_capture_r
 def test_leave_one_stack_out_places_stacks_turned_like_a_head_between_stacks(small_subject):
     """Issue 18: stacks turned ~20 deg against each other (found by the reconstruction's stack alignment) were
     registered from their headers, stopped 4-9 deg short and scored NCC ~0.4-0.5. The folds now start from the
-    full run's motions, so each left-out stack is placed where the full run put it."""
+    full run's motions, so each left-out stack is placed where the full run put it.
+
+    Turns of up to 60 deg, because this small, smooth subject forgives the header start below that: the code
+    before the fix (a84b320) passed with turns of 15-30 deg and fails with these (left-out stack NCC 0.69, 0.79,
+    0.87), while the folds started from the full run give 0.92-0.94."""
     vol, mask, affine = small_subject
-    sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, stack_rotation_deg=15.0, motion_rotation_deg=1.0,
+    sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, stack_rotation_deg=60.0, motion_rotation_deg=1.0,
                                                               motion_translation_mm=0.75, seed=4, **SIM))
     stacks = stacks_from_simulation(sim)
-    # Stack alignment on (a multi-start up to 45 deg: the turns here stay below; the default 90 costs twice the starts).
-    cfg = ReconConfig.from_dict({**FAST, "align": {"max_angle_deg": 45.0}})
+    # Stack alignment on (a multi-start up to 75 deg: the turns here stay below; the default 90 costs more starts).
+    cfg = ReconConfig.from_dict({**FAST, "align": {"max_angle_deg": 75.0}})
     table = assess_stacks(stacks, cfg, method="svr_classic", progress=False)
     assert list(table["stack"]) == ["s0", "s1", "s2", "mean"]
     assert np.isfinite(table.drop(columns="stack").to_numpy(float)).all()
@@ -97,8 +101,8 @@ def test_leave_one_stack_out_places_stacks_turned_like_a_head_between_stacks(sma
     assert (stacks_only["ncc_slices"] > stacks_only["ncc"]).all()
     assert (stacks_only["ncc"] > 0.85).all(), table
     assert table["ncc_slices"].iloc[-1] > 0.9
-    # The turns are found: the stacks sit at 10-25 deg from the volume's frame, not at the header's identity.
-    assert stacks_only["registration_rotation_deg"].max() > 10.0, table
+    # The turns are found: the stacks sit far from the volume's frame, not at the header's identity.
+    assert stacks_only["registration_rotation_deg"].max() > 30.0, table
 
 
 def test_assessment_needs_two_stacks(small_subject, tmp_path, capsys):
