@@ -84,14 +84,15 @@ def test_leave_one_stack_out_places_stacks_turned_like_a_head_between_stacks(sma
     registered from their headers, stopped 4-9 deg short and scored NCC ~0.4-0.5. The folds now start from the
     full run's motions, so each left-out stack is placed where the full run put it.
 
-    Turns of up to 60 deg, because this small, smooth subject forgives the header start below that: the code
-    before the fix (a84b320) passed with turns of 15-30 deg and fails with these (left-out stack NCC 0.69, 0.79,
-    0.87), while the folds started from the full run give 0.92-0.94."""
+    The head turns are drawn U(+-60 deg) per axis (seed 4: each stack's anatomy 52-75 deg from its header,
+    56-113 deg between stacks), because this small, smooth subject forgives the header start at U(+-15 deg)
+    and U(+-30 deg): the code before the fix (a84b320) passed with those and fails with these
+    (docs/results.md section 12)."""
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(obliquity_deg=5.0, stack_rotation_deg=60.0, motion_rotation_deg=1.0,
                                                               motion_translation_mm=0.75, seed=4, **SIM))
     stacks = stacks_from_simulation(sim)
-    # Stack alignment on (a multi-start up to 75 deg: the turns here stay below; the default 90 costs more starts).
+    # Stack alignment on, its multi-start up to 75 deg (the default 90 costs more starts).
     cfg = ReconConfig.from_dict({**FAST, "align": {"max_angle_deg": 75.0}})
     table = assess_stacks(stacks, cfg, method="svr_classic", progress=False)
     assert list(table["stack"]) == ["s0", "s1", "s2", "mean"]

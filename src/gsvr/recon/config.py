@@ -48,9 +48,7 @@ class SvrSettings:
     max_step_mm: float = 2.0  #: largest translation of one Gauss-Newton step
     prior_rotation_rad: float = 0.1  #: std of the zero-mean prior on each slice's rotation (per axis)
     prior_translation_mm: float = 5.0  #: std of the zero-mean prior on each slice's translation (per axis)
-    #: gradient penalty relative to the mean data-term diagonal (0.05 before: the cycles' volumes were too smooth to
-    #: register slices to a tenth of a millimetre; 0.02 gained 0.49 dB on the severe protocol's mean, docs/results.md
-    #: section 18)
+    #: gradient penalty relative to the mean data-term diagonal (why 0.02 and not 0.05: docs/results.md section 18)
     tikhonov: float = 0.02
     psf_normal: int = 5  #: Gauss-Hermite nodes through the slice
     psf_inplane: int = 1  #: Gauss-Hermite nodes per in-plane axis
