@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--full-run-slices", metavar="TSV",
                    help="slices.tsv of a reconstruction of these stacks with the same method and settings: the "
                         "left-out folds start from its motions (default: the assessment reconstructs from all stacks first)")
+    a.add_argument("--full-folds", action="store_true",
+                   help="fit Gaussians in every fold too (by default a gsvr fold whose Gaussians would only be fitted to "
+                        "its voxel volume stops at that volume: about half the time)")
     a.set_defaults(func=_assess)
 
     s = sub.add_parser("sample-volume", help="render a saved model at any resolution")
@@ -213,7 +216,8 @@ def _assess(args: argparse.Namespace) -> int:
 
     table = assess_files(args.input_stacks, args.stack_masks, args.thicknesses, _recon_config(args),
                          method=args.method, output_tsv=args.output_tsv, progress=not args.no_progress,
-                         full_motion_tsv=args.full_run_slices, other_inputs=[args.config] if args.config else [])
+                         full_motion_tsv=args.full_run_slices, other_inputs=[args.config] if args.config else [],
+                         full_folds=args.full_folds)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     return 0
 

@@ -222,3 +222,19 @@ def test_the_frame_change_between_two_runs_is_the_rigid_map_of_their_slice_posit
     assert np.allclose(g[:3, :3], g_rot.as_matrix(), atol=1e-9) and np.allclose(g[:3, 3], g_t, atol=1e-9)
     x = np.array([[1.0, 2.0, 3.0]])
     assert np.allclose(apply(g[:3, :3], np.zeros(3), g[:3, 3], x), g_rot.apply(x) + g_t)
+
+
+def test_gsvr_folds_stop_at_the_voxel_volume_only_where_the_gaussians_are_only_fitted_to_it():
+    import dataclasses
+
+    from gsvr.evaluate.assess import fold_method
+
+    cfg = ReconConfig()
+    assert fold_method(cfg, "gsvr") == "svr_classic"
+    assert fold_method(cfg, "svr_classic") == "svr_classic"
+    assert fold_method(cfg, "stack_average") == "stack_average"
+    # Wherever the Gaussians see the slices, or are fitted to another volume, the fold runs the whole method.
+    others = [cfg.updated({"joint.steps": 10}), cfg.updated({"fit.target": "svr"}), cfg.updated({"init.from_svr": False}),
+              dataclasses.replace(cfg, fit=None), dataclasses.replace(cfg, motion=False)]
+    for changed in others:
+        assert fold_method(changed, "gsvr") == "gsvr"

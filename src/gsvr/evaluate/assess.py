@@ -3,7 +3,8 @@
 One reconstruction from all stacks gives every slice's motion (or an earlier run's slice table does). For
 each stack, a *fold* then reconstructs from all the others, starting from their motions in that run (no
 stack alignment, one SVR cycle at the finest spacing: the registration is refined without the left-out
-stack, and the volume is solved and fitted again from the other stacks only). The left-out stack is placed
+stack, and the volume is solved and fitted again from the other stacks only; :func:`fold_method` says where a gsvr
+fold stops at the voxel volume its Gaussians would only be fitted to). The left-out stack is placed
 on its volume by its pose in the full run (the rigid fit of its slices' motions), carried into the fold's frame
 (the rigid map between the two runs' positions of the other stacks' slices: the SVR cycles pin the mean motion
 of the slices they see to the headers), refined by a masked-correlation stack registration
@@ -105,11 +106,12 @@ def compare_pixels(simulated: np.ndarray, acquired: np.ndarray) -> tuple[float, 
 
 
 def assess_stacks(stacks: Sequence[Stack], config: ReconConfig | None = None, *, method: str = "gsvr",
-                  progress: bool = True, full_motion: pd.DataFrame | None = None) -> pd.DataFrame:
+                  progress: bool = True, full_motion: pd.DataFrame | None = None, full_folds: bool = False) -> pd.DataFrame:
     """Leave-one-stack-out table (``ASSESS_COLUMNS``): one row per stack, then a row ``mean``.
 
     ``full_motion``: the slice table (``slices.tsv``) of a reconstruction of these stacks with this method and
-    config; without it, that reconstruction is made first.
+    config; without it, that reconstruction is made first. ``full_folds``: every fold runs the whole method, also
+    where :func:`fold_method` would stop a gsvr fold at the voxel volume its Gaussians are fitted to.
     """
     from gsvr.recon.files import METHODS
 
@@ -124,6 +126,9 @@ def assess_stacks(stacks: Sequence[Stack], config: ReconConfig | None = None, *,
         full_motion = METHODS[method](stacks, cfg, progress=progress).slices
         log.info("assess: full reconstruction in %.1f s", time.perf_counter() - t0)
     fold_cfg = fold_config(cfg, method)
+    fold_engine = method if full_folds else fold_method(cfg, method)
+    if fold_engine != method:
+        log.info("assess: the folds stop at the voxel volume the Gaussians are fitted to (--full-folds: fit them too)")
     rows = []
     for i, left_out in enumerate(stacks):
         t0 = time.perf_counter()
@@ -133,7 +138,7 @@ def assess_stacks(stacks: Sequence[Stack], config: ReconConfig | None = None, *,
         if method == "stack_average":  # header geometry: the full run's frame already
             result = METHODS[method](others, cfg, progress=progress)
         else:
-            result = METHODS[method](others, fold_cfg, progress=progress, initial_motion=others_motion)
+            result = METHODS[fold_engine](others, fold_cfg, progress=progress, initial_motion=others_motion)
         elapsed = time.perf_counter() - t0
         vol = result.volume
         # The fold keeps its own frame (the SVR cycles pin the mean motion of *its* slices to the headers): carry the
@@ -170,6 +175,16 @@ def fold_config(cfg: ReconConfig, method: str = "gsvr") -> ReconConfig:
     svr = cfg.svr if cfg.svr is not None or method != "svr_classic" else SvrSettings()
     svr = svr and dataclasses.replace(svr, spacings_mm=svr.spacings_mm[-1:], stack_spacings_mm=(), translation_only_cycles=0)
     return dataclasses.replace(cfg, align=None, svr=svr)
+
+
+def fold_method(cfg: ReconConfig, method: str = "gsvr") -> str:
+    """The method a fold reconstructs with: ``method``, except gsvr whose Gaussians only re-represent a voxel volume
+    that svr_classic makes the same way (fitted to the output-grid super-resolution, no joint step on the slices):
+    its folds stop at that volume, svr_classic's. The fit is most of a fold's time; what it adds to the volume is
+    a representation error, not information from the slices (docs/results.md section 12 measures both ways)."""
+    refits = (method == "gsvr" and cfg.motion and cfg.svr is not None and cfg.init.from_svr and cfg.fit is not None
+              and cfg.fit.target == "output" and cfg.joint.steps == 0)
+    return "svr_classic" if refits else method
 
 
 def check_full_run(table: pd.DataFrame, stacks: Sequence[Stack], source: str) -> None:
@@ -260,7 +275,7 @@ def _rigid(src: list[np.ndarray], dst: list[np.ndarray]) -> np.ndarray:
 def assess_files(stacks: Sequence[str], masks: Sequence[str] | None, thicknesses: Sequence[float] | None,
                  config: ReconConfig, *, method: str = "gsvr", output_tsv: str | None = None,
                  progress: bool = True, full_motion_tsv: str | None = None,
-                 other_inputs: Sequence[str] = ()) -> pd.DataFrame:
+                 other_inputs: Sequence[str] = (), full_folds: bool = False) -> pd.DataFrame:
     """Load the stacks, run :func:`assess_stacks` (``full_motion_tsv``: the ``slices.tsv`` of a reconstruction of
     these stacks, which the folds then start from), write the table (atomically) when asked. Before any work,
     ``output_tsv`` must be a writable file path that is none of the inputs (``other_inputs``: files read besides
@@ -274,7 +289,7 @@ def assess_files(stacks: Sequence[str], masks: Sequence[str] | None, thicknesses
     loaded = load_stacks(stacks, masks, thicknesses)
     if full_motion is not None:
         check_full_run(full_motion, loaded, str(full_motion_tsv))
-    table = assess_stacks(loaded, config, method=method, progress=progress, full_motion=full_motion)
+    table = assess_stacks(loaded, config, method=method, progress=progress, full_motion=full_motion, full_folds=full_folds)
     if output_tsv:
         with atomic_output(output_tsv) as tmp:
             table.to_csv(tmp, sep="\t", index=False, float_format="%.5g")
@@ -373,4 +388,4 @@ def _register(volume: np.ndarray, affine: np.ndarray, stack: Stack, pose: np.nda
 
 
 __all__ = ["ASSESS_COLUMNS", "assess_files", "assess_stacks", "compare_pixels", "fold_config", "fold_motion", "frame_change",
-           "check_full_run", "per_slice_intensity_fit", "simulate_stack", "slice_maps", "slice_registered_fit", "stack_pose"]
+           "check_full_run", "fold_method", "per_slice_intensity_fit", "simulate_stack", "slice_maps", "slice_registered_fit", "stack_pose"]
