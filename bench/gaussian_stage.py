@@ -7,13 +7,15 @@ render mode of ``--modes``:
 - the output-grid voxel volume (``gsvr svr``'s) and the Gaussians fitted to it, scored against the truth;
 - the fitted field sampled with K, 2K and 4K neighbours (mean over brain voxels): a field whose value
   depends on K is not the same field for a slice (whose PSF reaches further) as for the output volume;
-- the slices' held-out error (10 % of the pixels, :func:`gsvr.recon.svr.holdout_pixels`) of the voxel
+- the slices' held-out error (10 % of the pixels, :func:`gsvr.recon.svr.holdout_pixels`; with ``--holdout
+  slices`` 10 % of the slices, whose pixels then neither the voxel volume nor the field sees) of the voxel
   volume (PSF quadrature) and of the field (its own slice render);
 - optionally ``--steps`` steps of the field's refinement on the other 90 % of the pixels (slice motion
   frozen at the SVR cycles', weighted squared error, Adam at ``--lr-scale`` times the fit's rates), with
   the held-out error every ``--every`` steps and the score every ``2 --every``.
 
     python bench/gaussian_stage.py [--subject GA25] [--modes exact normalized] [--steps 30] [--config recon.yaml]
+                                   [--holdout pixels|slices] [--holdout-fraction 0.1]
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="refinement steps on the slices after the fit")
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--lr-scale", type=float, default=1.0)
+    p.add_argument("--holdout", choices=["pixels", "slices"], default="pixels",
+                   help="what the held-out error holds out: a hashed fraction of the pixels, or of the slices (then the "
+                        "voxel volume, the fit's target, is solved again without them)")
+    p.add_argument("--holdout-fraction", type=float, default=0.1)
     p.add_argument("--config", help="reconstruction config YAML (defaults otherwise); fit.target and K are set here")
     p.add_argument("--atlas", default=str(ATLAS))
     args = p.parse_args()
@@ -99,7 +105,12 @@ def main() -> None:
         q.requires_grad_(False)
     x = current_positions(data, motion)
     radius = support_radius(state.stacks)
-    held = holdout_pixels(data.n_pixels, 0.1)
+    if args.holdout == "slices":  # whole slices: the field and its target never see them
+        held = holdout_pixels(data.n_slices, args.holdout_fraction)[data.slice_idx]
+        with deterministic():
+            svr = solve(data, motion, weight * (~held).float(), base.svr, base.output.resolution_mm, radius)
+    else:
+        held = holdout_pixels(data.n_pixels, args.holdout_fraction)
     train, test = torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]
     w_test, w_train = weight[test], weight[train]
     print(f"# stages up to the SVR cycles: {time.perf_counter() - t0:.0f} s; {data.n_pixels} pixels, "
