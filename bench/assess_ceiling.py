@@ -1,11 +1,13 @@
-"""Benchmark: the left-out NCC of `gsvr assess` that the ground truth itself reaches.
+"""Benchmark: the left-out NCC of `gsvr assess` that the ground truth itself scores.
 
 For a simulation kept by ``bench/realistic.py --keep DIR --simulate-only``, each stack's pixels are simulated
 from the *true* volume through the slice PSF of the assessment (:func:`gsvr.evaluate.assess.simulate_stack`)
 and compared with the acquired pixels:
 
 - ``stack``: the true volume placed by the stack's true pose (the rigid fit of its slices' true motions), one
-  linear intensity fit: the ceiling of the assessment's ``ncc`` (the stack's own slice motion stays in it);
+  linear intensity fit: the counterpart of the assessment's ``ncc`` (the stack's own slice motion stays in it; the
+  pose fits every slice, the corrupted ones included, where the assessment leaves out those its run weighted
+  below 0.5);
 - ``slices``: each slice placed by its own true motion and given its own linear intensity fit: the counterpart
   of ``ncc_slices``.
 
@@ -33,7 +35,7 @@ def main() -> None:
     p.add_argument("sim", help="folder of stack<k>.nii.gz, stack<k>_mask.nii.gz and motions.tsv")
     p.add_argument("--subject", default="GA23")
     p.add_argument("--case", default="realistic", choices=sorted(CASES))
-    p.add_argument("--thickness", type=float, default=3.0)
+    p.add_argument("--thickness", type=float, help="slice thickness in mm (default: the case's)")
     p.add_argument("--atlas", default=str(ATLAS))
     args = p.parse_args()
 
@@ -46,7 +48,8 @@ def main() -> None:
     truth, _, truth_aff = (vol, mask, aff) if args.case == "clean" else with_body(vol, mask, aff, seed=1)
     sim = Path(args.sim)
     paths = sorted(str(s) for s in sim.glob("stack?.nii.gz"))
-    stacks = load_stacks(paths, [s.replace(".nii.gz", "_mask.nii.gz") for s in paths], [args.thickness] * len(paths))
+    thickness = args.thickness or CASES[args.case].get("thickness_mm", 3.0)
+    stacks = load_stacks(paths, [s.replace(".nii.gz", "_mask.nii.gz") for s in paths], [thickness] * len(paths))
     motions = pd.read_csv(sim / "motions.tsv", sep="\t")
     print("| stack | ncc (true volume, true stack pose) | ncc_slices (true volume, true slice motions) |")
     print("|---|---|---|")

@@ -8,7 +8,8 @@ render mode of ``--modes``:
 - the fitted field sampled with K, 2K and 4K neighbours (mean over brain voxels): a field whose value
   depends on K is not the same field for a slice (whose PSF reaches further) as for the output volume;
 - the slices' held-out error (10 % of the pixels, :func:`gsvr.recon.svr.holdout_pixels`; with ``--holdout
-  slices`` 10 % of the slices, whose pixels then neither the voxel volume nor the field sees) of the voxel
+  slices`` 10 % of the slices, whose pixels the final voxel solve, the fit and the refinement do not see; the SVR
+  cycles, which estimated the motions and weights, did) of the voxel
   volume (PSF quadrature) and of the field (its own slice render);
 - optionally ``--steps`` steps of the field's refinement on the other 90 % of the pixels (slice motion
   frozen at the SVR cycles', weighted squared error, Adam at ``--lr-scale`` times the fit's rates), with

@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                         "left-out folds start from its motions (default: the assessment reconstructs from all stacks first)")
     a.add_argument("--full-folds", action="store_true",
                    help="fit Gaussians in every fold too (by default a gsvr fold whose Gaussians would only be fitted to "
-                        "its voxel volume stops at that volume: about half the time)")
+                        "its voxel volume stops at that volume); needed to compare gsvr with svr_classic")
     a.set_defaults(func=_assess)
 
     s = sub.add_parser("sample-volume", help="render a saved model at any resolution")

@@ -234,7 +234,8 @@ def test_gsvr_folds_stop_at_the_voxel_volume_only_where_the_gaussians_are_only_f
     assert fold_method(cfg, "svr_classic") == "svr_classic"
     assert fold_method(cfg, "stack_average") == "stack_average"
     # Wherever the Gaussians see the slices, or are fitted to another volume, the fold runs the whole method.
-    others = [cfg.updated({"joint.steps": 10}), cfg.updated({"fit.target": "svr"}), cfg.updated({"init.from_svr": False}),
+    others = [cfg.updated({"joint.steps": 10}), cfg.updated({"joint.multires": {"steps": 5}}),
+              cfg.updated({"fit.target": "svr"}), cfg.updated({"init.from_svr": False}),
               dataclasses.replace(cfg, fit=None), dataclasses.replace(cfg, motion=False)]
     for changed in others:
         assert fold_method(changed, "gsvr") == "gsvr"

@@ -179,11 +179,12 @@ def fold_config(cfg: ReconConfig, method: str = "gsvr") -> ReconConfig:
 
 def fold_method(cfg: ReconConfig, method: str = "gsvr") -> str:
     """The method a fold reconstructs with: ``method``, except gsvr whose Gaussians only re-represent a voxel volume
-    that svr_classic makes the same way (fitted to the output-grid super-resolution, no joint step on the slices):
+    that svr_classic makes the same way (fitted to the output-grid super-resolution, no joint step on the slices,
+    no coarse joint level):
     its folds stop at that volume, svr_classic's. The fit is most of a fold's time; what it adds to the volume is
     a representation error, not information from the slices (docs/results.md section 12 measures both ways)."""
     refits = (method == "gsvr" and cfg.motion and cfg.svr is not None and cfg.init.from_svr and cfg.fit is not None
-              and cfg.fit.target == "output" and cfg.joint.steps == 0)
+              and cfg.fit.target == "output" and cfg.joint.steps == 0 and cfg.joint.multires is None)
     return "svr_classic" if refits else method
 
 
