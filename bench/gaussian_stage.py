@@ -13,10 +13,11 @@ render mode of ``--modes``:
   volume (PSF quadrature) and of the field (its own slice render);
 - optionally ``--steps`` steps of the field's refinement on the other 90 % of the pixels (slice motion
   frozen at the SVR cycles', weighted squared error, Adam at ``--lr-scale`` times the fit's rates), with
-  the held-out error every ``--every`` steps and the score every ``2 --every``.
+  the held-out error every ``--every`` steps and the score every ``2 --every``. ``--render quadrature`` trains and
+  holds out with the field sampled at the voxel operator's PSF nodes instead of the PSF-blurred Gaussians.
 
     python bench/gaussian_stage.py [--subject GA25] [--modes exact normalized] [--steps 30] [--config recon.yaml]
-                                   [--holdout pixels|slices] [--holdout-fraction 0.1]
+                                   [--holdout pixels|slices] [--holdout-fraction 0.1] [--render gaussians|quadrature]
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def main() -> None:
                    help="what the held-out error holds out: a hashed fraction of the pixels, or of the slices (then the "
                         "voxel volume, the fit's target, is solved again without them)")
     p.add_argument("--holdout-fraction", type=float, default=0.1)
+    p.add_argument("--render", choices=["gaussians", "quadrature"], default="gaussians",
+                   help="the slice render the refinement trains and is held out with: the PSF-blurred Gaussians (the "
+                        "engine's), or the field sampled at the voxel operator's PSF nodes")
     p.add_argument("--config", help="reconstruction config YAML (defaults otherwise); fit.target and K are set here")
     p.add_argument("--atlas", default=str(ATLAS))
     args = p.parse_args()
@@ -64,6 +68,8 @@ def main() -> None:
     from gsvr.recon.stages.init import field_from_volume
     from gsvr.recon.state import ReconState, support_radius
     from gsvr.recon.svr import SliceOperator, holdout_pixels, support_mask
+    from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables, pair_tables
+    from gsvr.ops.knn import knn
     from gsvr.recon.volume import sample_volume
     from gsvr.io.nifti import load_stacks
     from gsvr.simulate.stacks import SimulationConfig, simulate_stacks, write_simulation
@@ -160,11 +166,21 @@ def main() -> None:
                             for i in range(0, len(test), chunk))
             return total / float(w_test.sum())
 
+        def held_out_quadrature() -> float:
+            """The held-out error of the field's own PSF integral: the field sampled at the voxel operator's
+            Gauss-Hermite nodes around each held-out pixel (K neighbours per node), in place of its slice render."""
+            with torch.no_grad():
+                pts = op.x[:, None, :] + op.off[op.sid]  # [p, S, 3]
+                vals = field.sample(pts.reshape(-1, 3), k=k, delta=m.delta, knn_backend=m.knn_backend).reshape(pts.shape[:2])
+                pred = torch.exp(motion.log_scale)[op.sid] * (vals * op.node_w).sum(-1)
+            return float((w_test * (pred - data.y[test]) ** 2).sum() / w_test.sum())
+
         with torch.no_grad():
             means = [float(field.sample(brain, k=kk, delta=m.delta).mean()) for kk in (k, 2 * k, 4 * k)]
         nbrs.refresh(x, data.slice_idx, field.means, k, m.knn_backend)
         print(f"{mode}: fit {fit_s:.0f} s, {field_score()}; field mean with K, 2K, 4K neighbours "
-              f"{means[0]:.4f} {means[1]:.4f} {means[2]:.4f}; held-out error of its slice render {held_out():.3e}")
+              f"{means[0]:.4f} {means[1]:.4f} {means[2]:.4f}; held-out error of its slice render {held_out():.3e}, "
+              f"of its PSF quadrature {held_out_quadrature():.3e}")
         if not args.steps:
             continue
         groups = field_groups(field, cfg.fit.lr)
@@ -172,23 +188,47 @@ def main() -> None:
             g["lr"] *= args.lr_scale
         opt = torch.optim.Adam(groups)
         t = time.perf_counter()
+        quadrature = args.render == "quadrature"
+        if quadrature:  # the training pixels' PSF nodes, as the voxel operator places them
+            op_train = SliceOperator(data, motion, svr.grid, base.svr, train)
+            n_nodes = op_train.off.shape[1]
+            nodes_train = (op_train.x[:, None, :] + op_train.off[op_train.sid]).reshape(-1, 3)
+            scale_train = torch.exp(motion.log_scale)[op_train.sid]
+            ids = torch.arange(field.n)
+        error = held_out_quadrature if quadrature else held_out
         with deterministic():
             for step in range(args.steps + 1):
                 if step % m.knn_every == 0:
-                    nbrs.refresh(x, data.slice_idx, field.means, k, m.knn_backend)
+                    if quadrature:
+                        nbr_train = knn(field.means.detach(), nodes_train, k, backend=m.knn_backend)
+                    else:
+                        nbrs.refresh(x, data.slice_idx, field.means, k, m.knn_backend)
                 if step % args.every == 0:
                     shown = field_score() if step % (2 * args.every) == 0 or step == args.steps else ""
-                    print(f"  {mode} step {step}: held-out error {held_out():.3e} {shown} ({time.perf_counter() - t:.0f} s)",
+                    print(f"  {mode} step {step}: held-out error {error():.3e} {shown} ({time.perf_counter() - t:.0f} s)",
                           flush=True)
                 if step == args.steps:
                     break
                 opt.zero_grad(set_to_none=True)
-                r = render_slices(field, motion, data, nbrs, model=m, motion_on=False)
-                for i in range(0, len(train), chunk):
-                    sel = train[i:i + chunk]
-                    loss = (w_train[i:i + chunk] * (r.predict(sel) - data.y[sel]) ** 2).sum() / w_train.sum()
-                    loss.backward()
-                r.backward()
+                if quadrature:
+                    leaf = pack_tables(pair_tables(field.means, field.log_scales, field.quats, field.intensities, None, ids,
+                                                   ids, mode=m.render_mode))
+                    packed, leaf = leaf, leaf.detach().requires_grad_(True)
+                    for i in range(0, len(train), chunk):
+                        rows = slice(i * n_nodes, (i + chunk) * n_nodes)
+                        vals = gaussian_sum_packed(nodes_train[rows], nbr_train[rows], leaf, mode=m.render_mode, delta=m.delta)
+                        pred = scale_train[i:i + chunk] * (vals.reshape(-1, n_nodes) * op_train.node_w).sum(-1)
+                        sel = train[i:i + chunk]
+                        loss = (w_train[i:i + chunk] * (pred - data.y[sel]) ** 2).sum() / w_train.sum()
+                        loss.backward()
+                    packed.backward(leaf.grad)
+                else:
+                    r = render_slices(field, motion, data, nbrs, model=m, motion_on=False)
+                    for i in range(0, len(train), chunk):
+                        sel = train[i:i + chunk]
+                        loss = (w_train[i:i + chunk] * (r.predict(sel) - data.y[sel]) ** 2).sum() / w_train.sum()
+                        loss.backward()
+                    r.backward()
                 opt.step()
 
 
