@@ -68,7 +68,7 @@ def main() -> None:
     from gsvr.recon.stages.init import field_from_volume
     from gsvr.recon.state import ReconState, support_radius
     from gsvr.recon.svr import SliceOperator, holdout_pixels, support_mask
-    from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables, pair_tables
+    from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables
     from gsvr.ops.knn import knn
     from gsvr.recon.volume import sample_volume
     from gsvr.io.nifti import load_stacks
@@ -194,7 +194,6 @@ def main() -> None:
             n_nodes = op_train.off.shape[1]
             nodes_train = (op_train.x[:, None, :] + op_train.off[op_train.sid]).reshape(-1, 3)
             scale_train = torch.exp(motion.log_scale)[op_train.sid]
-            ids = torch.arange(field.n)
         error = held_out_quadrature if quadrature else held_out
         with deterministic():
             for step in range(args.steps + 1):
@@ -211,9 +210,8 @@ def main() -> None:
                     break
                 opt.zero_grad(set_to_none=True)
                 if quadrature:
-                    leaf = pack_tables(pair_tables(field.means, field.log_scales, field.quats, field.intensities, None, ids,
-                                                   ids, mode=m.render_mode))
-                    packed, leaf = leaf, leaf.detach().requires_grad_(True)
+                    packed = pack_tables(field.tables())
+                    leaf = packed.detach().requires_grad_(True)
                     for i in range(0, len(train), chunk):
                         rows = slice(i * n_nodes, (i + chunk) * n_nodes)
                         vals = gaussian_sum_packed(nodes_train[rows], nbr_train[rows], leaf, mode=m.render_mode, delta=m.delta)

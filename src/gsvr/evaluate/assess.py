@@ -183,8 +183,8 @@ def fold_method(cfg: ReconConfig, method: str = "gsvr") -> str:
     no coarse joint level):
     its folds stop at that volume, svr_classic's. The fit is most of a fold's time; what it adds to the volume is
     a representation error, not information from the slices (docs/results.md section 12 measures both ways)."""
-    refits = (method == "gsvr" and cfg.motion and cfg.svr is not None and cfg.init.from_svr and cfg.fit is not None
-              and cfg.fit.target == "output" and cfg.joint.steps == 0 and cfg.joint.multires is None)
+    refits = (method == "gsvr" and cfg.svr_cycles_run and cfg.fits_output_volume and cfg.joint.steps == 0
+              and cfg.joint.multires is None)
     return "svr_classic" if refits else method
 
 

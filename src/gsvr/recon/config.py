@@ -431,6 +431,11 @@ class ReconConfig:
         """True when the SVR cycles estimate motion before the Gaussian stages."""
         return self.motion and self.svr is not None
 
+    @property
+    def fits_output_volume(self) -> bool:
+        """True when the Gaussians are fitted to the output-grid super-resolution that follows the SVR cycles."""
+        return self.fit is not None and self.fit.target == "output" and self.init.from_svr
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, *, source: str = "config") -> "ReconConfig":
         """Typed construction from nested plain values (YAML); unknown keys and wrong types are errors."""
