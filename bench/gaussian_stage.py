@@ -64,12 +64,11 @@ def main() -> None:
     from gsvr.recon.engine import deterministic
     from gsvr.recon.forward import Neighbours, current_positions, render_slices
     from gsvr.recon.stages import PIPELINE
-    from gsvr.recon.stages.fit import field_groups, fit_to_volume
+    from gsvr.recon.stages.fit import fit_to_volume
     from gsvr.recon.stages.init import field_from_volume
     from gsvr.recon.state import ReconState, support_radius
-    from gsvr.recon.svr import SliceOperator, holdout_pixels, support_mask
-    from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables
-    from gsvr.ops.knn import knn
+    from gsvr.recon.refine import PsfQuadrature
+    from gsvr.recon.svr import SliceOperator, holdout_pixels, output_super_resolution, support_mask
     from gsvr.recon.volume import sample_volume
     from gsvr.io.nifti import load_stacks
     from gsvr.simulate.stacks import SimulationConfig, simulate_stacks, write_simulation
@@ -84,30 +83,18 @@ def main() -> None:
         paths = write_simulation(sim, tmp)
         stacks = load_stacks(paths, [s.replace(".nii.gz", "_mask.nii.gz") for s in paths], [3.0] * len(paths))
     base = (ReconConfig.from_yaml(args.config) if args.config else ReconConfig()).updated({"fit.target": "output", "model.k_neighbors": args.k, "output.k_neighbors": args.k})
-    # The stages up to the SVR cycles, once; the output super-resolution's pixel weights are kept.
-    import gsvr.recon.stages.svr as svr_stage
-
-    kept = {}
-    solve = svr_stage.output_super_resolution
-
-    def keep_weights(data, motion, pixel_weight, *rest, **kw):
-        kept["w"] = pixel_weight.clone()
-        return solve(data, motion, pixel_weight, *rest, **kw)
-
-    svr_stage.output_super_resolution = keep_weights
-    t0 = time.perf_counter()
-    try:
-        with deterministic():
-            state = ReconState(cfg=base, ck=Checkpointer(None, 0, base.model.knn_every, resume=False,
-                                                         stages=[s.NAME for s, _ in PIPELINE]), stacks=stacks, progress=False)
-            for stage, section in PIPELINE[:4]:
-                state = stage.run(state, getattr(base, section))
-    finally:
-        svr_stage.output_super_resolution = solve
-    if "w" not in kept:
+    if not (base.svr_cycles_run and base.fits_output_volume):
         sys.exit("bench/gaussian_stage.py: the config must run the SVR cycles and fit the Gaussians to their volume "
                  "(svr, fit and init.from_svr on)")
-    data, motion, svr, weight = state.data, state.motion, state.svr, kept["w"]
+    # The stages up to the SVR cycles, once.
+    t0 = time.perf_counter()
+    with deterministic():
+        state = ReconState(cfg=base, ck=Checkpointer(None, 0, base.model.knn_every, resume=False,
+                                                     stages=[s.NAME for s, _ in PIPELINE]), stacks=stacks, progress=False)
+        for stage, section in PIPELINE[:4]:
+            state = stage.run(state, getattr(base, section))
+    data, motion, svr = state.data, state.motion, state.svr
+    weight = state.weights[data.slice_idx] * state.pixel_weights  # the output super-resolution's pixel weights
     for q in motion.parameters():
         q.requires_grad_(False)
     x = current_positions(data, motion)
@@ -115,7 +102,7 @@ def main() -> None:
     if args.holdout == "slices":  # whole slices: the field and its target never see them
         held = holdout_pixels(data.n_slices, args.holdout_fraction)[data.slice_idx]
         with deterministic():
-            svr = solve(data, motion, weight * (~held).float(), base.svr, base.output.resolution_mm, radius)
+            svr = output_super_resolution(data, motion, weight * (~held).float(), base.svr, base.output.resolution_mm, radius)
     else:
         held = holdout_pixels(data.n_pixels, args.holdout_fraction)
     train, test = torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]
@@ -166,14 +153,13 @@ def main() -> None:
                             for i in range(0, len(test), chunk))
             return total / float(w_test.sum())
 
+        quad_test = PsfQuadrature(data, motion, base.svr, test, weight)
+
         def held_out_quadrature() -> float:
             """The held-out error of the field's own PSF integral: the field sampled at the voxel operator's
             Gauss-Hermite nodes around each held-out pixel (K neighbours per node), in place of its slice render."""
-            with torch.no_grad():
-                pts = op.x[:, None, :] + op.off[op.sid]  # [p, S, 3]
-                vals = field.sample(pts.reshape(-1, 3), k=k, delta=m.delta, knn_backend=m.knn_backend).reshape(pts.shape[:2])
-                pred = torch.exp(motion.log_scale)[op.sid] * (vals * op.node_w).sum(-1)
-            return float((w_test * (pred - data.y[test]) ** 2).sum() / w_test.sum())
+            quad_test.refresh(field, k, m.knn_backend)
+            return quad_test.error(field, m)
 
         with torch.no_grad():
             means = [float(field.sample(brain, k=kk, delta=m.delta).mean()) for kk in (k, 2 * k, 4 * k)]
@@ -183,23 +169,20 @@ def main() -> None:
               f"of its PSF quadrature {held_out_quadrature():.3e}")
         if not args.steps:
             continue
-        groups = field_groups(field, cfg.fit.lr)
+        groups = field.param_groups(cfg.fit.lr)
         for g in groups:
             g["lr"] *= args.lr_scale
         opt = torch.optim.Adam(groups)
         t = time.perf_counter()
         quadrature = args.render == "quadrature"
         if quadrature:  # the training pixels' PSF nodes, as the voxel operator places them
-            op_train = SliceOperator(data, motion, svr.grid, base.svr, train)
-            n_nodes = op_train.off.shape[1]
-            nodes_train = (op_train.x[:, None, :] + op_train.off[op_train.sid]).reshape(-1, 3)
-            scale_train = torch.exp(motion.log_scale)[op_train.sid]
+            quad_train = PsfQuadrature(data, motion, base.svr, train, weight)
         error = held_out_quadrature if quadrature else held_out
         with deterministic():
             for step in range(args.steps + 1):
                 if step % m.knn_every == 0:
                     if quadrature:
-                        nbr_train = knn(field.means.detach(), nodes_train, k, backend=m.knn_backend)
+                        quad_train.refresh(field, k, m.knn_backend)
                     else:
                         nbrs.refresh(x, data.slice_idx, field.means, k, m.knn_backend)
                 if step % args.every == 0:
@@ -210,16 +193,7 @@ def main() -> None:
                     break
                 opt.zero_grad(set_to_none=True)
                 if quadrature:
-                    packed = pack_tables(field.tables())
-                    leaf = packed.detach().requires_grad_(True)
-                    for i in range(0, len(train), chunk):
-                        rows = slice(i * n_nodes, (i + chunk) * n_nodes)
-                        vals = gaussian_sum_packed(nodes_train[rows], nbr_train[rows], leaf, mode=m.render_mode, delta=m.delta)
-                        pred = scale_train[i:i + chunk] * (vals.reshape(-1, n_nodes) * op_train.node_w).sum(-1)
-                        sel = train[i:i + chunk]
-                        loss = (w_train[i:i + chunk] * (pred - data.y[sel]) ** 2).sum() / w_train.sum()
-                        loss.backward()
-                    packed.backward(leaf.grad)
+                    quad_train.error(field, m, backward=True)
                 else:
                     r = render_slices(field, motion, data, nbrs, model=m, motion_on=False)
                     for i in range(0, len(train), chunk):

@@ -86,6 +86,9 @@ class LogProgress:
         items = {**(ordered_dict or {}), **kwargs}
         self.set_postfix_str(", ".join(f"{k}={v}" for k, v in items.items()))
 
+    def refresh(self) -> None:
+        """(tqdm's redraw, after ``total`` changed: a log has nothing to redraw.)"""
+
     def close(self) -> None:
         if self._closed:
             return

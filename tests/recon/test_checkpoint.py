@@ -15,12 +15,13 @@ from gsvr.recon.engine import reconstruct
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 
 SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
-# Every stage runs and is checkpointed: 5 SVR cycles (2 whole-stack, 3 slice), 20 fit steps, 20 joint steps on half
-# batches (random).
+# Every stage runs and is checkpointed: 5 SVR cycles (2 whole-stack, 3 slice), 20 fit steps (checkpoints at 5, 10, 15
+# and 20), the refinement (one checkpoint when it ends), 20 joint steps on half batches (random).
 # (No stack multi-start: it runs before the first checkpoint and only costs time here.)
 CFG = ReconConfig.from_dict({
     "init": {"n_gaussians": 3000}, "model": {"k_neighbors": 12, "knn_every": 5}, "output": {"resolution_mm": 1.6},
-    "svr": {"spacings_mm": [3.2, 2.4, 2.4]}, "align": None, "fit": {"steps": 20}, "joint": {"steps": 20, "batch_fraction": 0.5},
+    "svr": {"spacings_mm": [3.2, 2.4, 2.4]}, "align": None, "fit": {"steps": 20}, "refine": {"max_steps": 6},
+    "joint": {"steps": 20, "batch_fraction": 0.5},
     "slice_weights": {"every": 5}, "run": {"checkpoint_every": 5}})
 
 
@@ -36,9 +37,11 @@ def uninterrupted(stacks):
     return reconstruct(stacks, CFG, progress=False)
 
 
-@pytest.mark.parametrize("n_saves,stage,step", [(2, "svr", 2), (7, "fit", 10), (11, "joint", 15)])
+@pytest.mark.parametrize("n_saves,stage,step", [(2, "svr", 2), (7, "fit", 10), (10, "refine", None), (13, "joint", 15)])
 def test_resume_from_each_stage_gives_the_uninterrupted_result(stacks, uninterrupted, interrupt_and_resume, n_saves, stage, step):
     state, resumed, path = interrupt_and_resume(stacks, CFG, n_saves)
+    if step is None:  # the refinement's checkpoint: the steps it chose
+        step = int((uninterrupted.history.stage == "refine").sum())
     assert (state["stage"], state["step"]) == (stage, step)
     assert np.array_equal(resumed.volume.data, uninterrupted.volume.data)
     assert resumed.slices.equals(uninterrupted.slices)

@@ -44,7 +44,7 @@ def test_the_pipeline_runs_every_stage_once_in_order_on_its_own_config_section()
     from gsvr.recon.config import ReconConfig
 
     names = [stage.NAME for stage, _ in PIPELINE]
-    assert names == ["prepare", "align", "slices", "svr", "init", "fit", "joint", "sample"]
+    assert names == ["prepare", "align", "slices", "svr", "init", "fit", "refine", "joint", "sample"]
     sections = {f for f in ReconConfig.__dataclass_fields__}
     assert all(section in sections for _, section in PIPELINE)
     assert all(callable(stage.run) for stage, _ in PIPELINE)

@@ -178,11 +178,12 @@ def fold_config(cfg: ReconConfig, method: str = "gsvr") -> ReconConfig:
 
 
 def fold_method(cfg: ReconConfig, method: str = "gsvr") -> str:
-    """The method a fold reconstructs with: ``method``, except gsvr whose Gaussians only re-represent a voxel volume
-    that svr_classic makes the same way (fitted to the output-grid super-resolution, no joint step on the slices,
-    no coarse joint level):
-    its folds stop at that volume, svr_classic's. The fit is most of a fold's time; what it adds to the volume is
-    a representation error, not information from the slices (docs/results.md section 12 measures both ways)."""
+    """The method a fold reconstructs with: ``method``, except gsvr whose Gaussians are fitted to a voxel volume that
+    svr_classic makes the same way (the output-grid super-resolution, no joint step on the slices, no coarse joint
+    level): its folds stop at that volume, svr_classic's. The fit adds a representation error, not information from
+    the slices (docs/results.md section 12 measures both ways); the refinement adds what the slices say, but with its
+    split it would more than double a fold's time, so a default fold scores the volume it starts from (docs/method.md,
+    "Quality without ground truth")."""
     refits = (method == "gsvr" and cfg.svr_cycles_run and cfg.fits_output_volume and cfg.joint.steps == 0
               and cfg.joint.multires is None)
     return "svr_classic" if refits else method

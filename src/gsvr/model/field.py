@@ -59,6 +59,12 @@ class GaussianField(nn.Module):
     def n(self) -> int:
         return self.means.shape[0]
 
+    def param_groups(self, lr) -> list[dict]:
+        """Optimiser parameter groups, each with its learning rate (``lr``: a
+        :class:`gsvr.recon.config.FieldRates`, whose means, scales, quats and values name them)."""
+        return [{"params": [self.means], "lr": lr.means}, {"params": [self.log_scales], "lr": lr.scales},
+                {"params": [self.quats], "lr": lr.quats}, {"params": [self.values], "lr": lr.values}]
+
     def tables(self) -> "object":
         """Per-Gaussian tables without PSF (for sampling the volume itself)."""
         ids = torch.arange(self.n, device=self.means.device)

@@ -1,7 +1,7 @@
 """Checkpoints of a running reconstruction, and resuming from them.
 
-A checkpoint is written after every SVR cycle and every ``run.checkpoint_every`` steps of the fit and
-joint stages (rounded up to a multiple of ``model.knn_every``, so the neighbour index is rebuilt exactly
+A checkpoint is written after every SVR cycle, every ``run.checkpoint_every`` steps of the fit and
+joint stages and when the refine stage ends (rounded up to a multiple of ``model.knn_every``, so the neighbour index is rebuilt exactly
 where the uninterrupted run rebuilds it). It holds everything the remaining steps depend on: slice
 motions, weights, the Gaussian field, optimiser and scheduler states, random-generator states and the
 log so far. Resuming from it gives the same result as the uninterrupted run with the same seed

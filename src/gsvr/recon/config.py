@@ -169,7 +169,7 @@ class InitConfig:
 
 @dataclass(frozen=True)
 class FieldRates:
-    """AdamW learning rates of the Gaussians' parameters."""
+    """Learning rates of the Gaussians' parameters (Adam in the fit and refine stages, AdamW in the joint stage)."""
 
     means: float = 2.5e-2
     scales: float = 2.5e-2  #: of the log standard deviations
@@ -184,7 +184,9 @@ class FieldRates:
 class FitConfig:
     """Fit of all Gaussian parameters to the SVR volume (L1, Adam, all covered voxels or a fresh sample of them each step)."""
 
-    steps: int = 100  #: Adam steps (the sampled initialisation alone reproduces the volume only roughly)
+    #: Adam steps (the sampled initialisation alone reproduces the volume only roughly; the refinement on the slices
+    #: that follows does better from 50 than from 100: docs/results.md section 20)
+    steps: int = 50
     lr: FieldRates = field(default_factory=FieldRates)
     #: the volume fitted: "output" (the super-resolution on the output grid after the SVR cycles, its regularisation
     #: chosen on held-out pixels: svr_classic's volume) or "svr" (the last cycle's volume at its spacing, 1.2 mm:
@@ -199,6 +201,28 @@ class FitConfig:
         _check(0 < self.voxel_fraction <= 1, "fit.voxel_fraction", f"must be in (0, 1], got {self.voxel_fraction}")
         self.lr.check("fit")
         _check(self.target in ("output", "svr"), "fit.target", f"must be 'output' or 'svr', got {self.target!r}")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Refinement of the fitted Gaussians on the slices, through the field sampled at the voxel operator's PSF nodes
+    (slice motion, weights and scales frozen; weighted squared error; Adam). Its length is chosen on held-out slices:
+    a second field, fitted to the output-grid super-resolution of the other slices, is refined on them until its
+    error on the held-out slices stops falling; the field of all slices is then refined for the step count at that
+    split's smallest held-out error (0: not refined). See :mod:`gsvr.recon.refine`."""
+
+    max_steps: int = 24  #: most steps the split refines, and so the field of all slices (bounds the stage's time)
+    every: int = 2  #: steps between two held-out evaluations of the split
+    patience: int = 2  #: evaluations without a new held-out minimum before the split stops
+    holdout_fraction: float = 0.1  #: fraction of the slices held out (at least one), chosen by a hash of their index
+    pixel_fraction: float = 0.5  #: fraction of the pixels each step fits, drawn afresh every step (1: all)
+    lr: FieldRates = field(default_factory=FieldRates)
+
+    def __post_init__(self) -> None:
+        _positive(self, "refine", "max_steps", "every", "patience")
+        _check(0 < self.holdout_fraction < 1, "refine.holdout_fraction", f"must be in (0, 1), got {self.holdout_fraction}")
+        _check(0 < self.pixel_fraction <= 1, "refine.pixel_fraction", f"must be in (0, 1], got {self.pixel_fraction}")
+        self.lr.check("refine")
 
 
 @dataclass(frozen=True)
@@ -345,7 +369,7 @@ class BlockQueryConfig:
 class JointConfig:
     """Joint optimisation of the field, slice motions, scales and weights on the slices."""
 
-    steps: int = 0  #: full-resolution steps (one pass over the pixels each); 0: the fitted field is the result
+    steps: int = 0  #: full-resolution steps (one pass over the pixels each); 0: the fitted (and refined) field is the result
     motion: bool = True  #: optimise slice motion here too (false: keep the SVR cycles' motion)
     motion_warmup: int = 0  #: steps before slice motion is released
     batch_fraction: float = 1.0  #: fraction of in-mask pixels used per step (1 = full batch)
@@ -406,7 +430,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ReconConfig:
-    """All settings of ``gsvr reconstruct``, one section per stage (prepare, align, svr, init, fit, joint, output)."""
+    """All settings of ``gsvr reconstruct``, one section per stage (prepare, align, svr, init, fit, refine, joint, output)."""
 
     motion: bool = True  #: estimate slice motion (false: header geometry everywhere, the no-motion baseline)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -415,6 +439,8 @@ class ReconConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     init: InitConfig = field(default_factory=InitConfig)
     fit: Optional[FitConfig] = field(default_factory=FitConfig)  #: null: the sampled initialisation only
+    #: refinement on the slices through the PSF quadrature, its length chosen on held-out slices (null: off)
+    refine: Optional[RefineConfig] = field(default_factory=RefineConfig)
     joint: JointConfig = field(default_factory=JointConfig)
     slice_weights: Optional[SliceWeightsConfig] = field(default_factory=SliceWeightsConfig)  #: null: all weights 1
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -430,6 +456,14 @@ class ReconConfig:
     def svr_cycles_run(self) -> bool:
         """True when the SVR cycles estimate motion before the Gaussian stages."""
         return self.motion and self.svr is not None
+
+    @property
+    def refines(self) -> bool:
+        """True when the refine stage runs: it refines a content-adaptive field fitted to the output-grid
+        super-resolution after the SVR cycles (elsewhere, e.g. on M-Gaussian's progressive grid, a ``refine`` section
+        is left unused)."""
+        return (self.refine is not None and self.svr_cycles_run and self.fits_output_volume
+                and self.joint.progressive is None)
 
     @property
     def fits_output_volume(self) -> bool:

@@ -28,9 +28,13 @@ log = logging.getLogger(__name__)
 
 #: Columns of the per-step log (``Result.history``, ``--output-log``); ``value`` is the ``measure``.
 HISTORY_COLUMNS = ["step", "stage", "elapsed_s", "value", "measure"]
+#: Stages of the log whose rows are evaluations, not steps (the progress bar does not count them).
+EVALUATIONS = {"refine_holdout"}
 #: What ``value`` measures in each stage of the log.
 STAGE_MEASURES = {"svr": "median slice NCC (leave one stack out)", "fit": "L1 to the SVR volume",
-                  "joint": "weighted L1 slice loss"}
+                  "refine_fit": "L1 to the volume of refine's split", "refine_split": "weighted squared error of refine's split",
+                  "refine_holdout": "held-out slices' weighted squared error (refine's split)",
+                  "refine": "weighted squared slice error", "joint": "weighted L1 slice loss"}
 
 
 @dataclass
@@ -40,8 +44,9 @@ class Result:
     Attributes:
         volume: the sampled volume (data in input intensity units, world affine).
         slices: one row per slice: stack, slice index, rotation (deg), translation (mm), scale, weight.
-        history: one row per step (see ``HISTORY_COLUMNS``): SVR cycles (median slice NCC), steps of the
-            fit to the SVR volume (L1 to it) and joint steps (weighted L1 slice loss), with wall time.
+        history: one row per step (see ``HISTORY_COLUMNS`` and ``STAGE_MEASURES``): SVR cycles (median slice NCC),
+            steps of the fit to the SVR volume (L1 to it), of the refinement (its split's fit and steps, its
+            held-out evaluations, the steps of the field of all slices) and joint steps, with wall time.
         model: everything needed to re-sample the volume (see :func:`gsvr.recon.volume.load_model`).
         config: the configuration used.
         elapsed_s: wall time of the optimisation and sampling.
@@ -78,6 +83,7 @@ class ReconState:
     data: SliceData | None = None
     motion: SliceMotion | None = None
     weights: Tensor | None = None  # [S] slice weights
+    pixel_weights: Tensor | None = None  # [P] the SVR cycles' pixel weights (ones unless svr.robust is "em")
     gen: torch.Generator | None = None
     history: list = field(default_factory=list)
     bar: object = None

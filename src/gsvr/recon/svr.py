@@ -39,17 +39,25 @@ class SvrState:
     grid: VoxelGrid
 
 
+@torch.no_grad()
+def psf_quadrature(data: SliceData, motion: SliceMotion, s: SvrSettings, pixels: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The slice PSF's Gauss-Hermite quadrature (``s.psf_normal`` nodes through the slice, ``s.psf_inplane`` per in-plane
+    axis) for the chosen pixels at the current motion: their slices [p], their centres [p, 3] (mm), each slice's node
+    offsets [M, S, 3] (mm) and the node weights [S] (summing to 1). Pixel i integrates V at x[i] + offsets[slices[i]]."""
+    nodes, node_w = psf_nodes(s.psf_normal, s.psf_inplane, data.x0.device)
+    sid = data.slice_idx[pixels]
+    rot = motion.rotation()
+    x = transform_points(data.x0[pixels], sid, data.centre, rot, motion.trans)
+    return sid, x, psf_offsets(rot @ data.axes, data.psf_sigma, nodes), node_w
+
+
 class SliceOperator:
     """Acquisition of the chosen in-mask pixels for fixed motion (chunked)."""
 
     def __init__(self, data: SliceData, motion: SliceMotion, grid: VoxelGrid, s: SvrSettings, pixels: Tensor) -> None:
         self.grid, self.s = grid, s
-        nodes, self.node_w = psf_nodes(s.psf_normal, s.psf_inplane, data.x0.device)
-        self.sid = data.slice_idx[pixels]
-        with torch.no_grad():
-            rot = motion.rotation()
-            self.x = transform_points(data.x0[pixels], self.sid, data.centre, rot, motion.trans)
-            self.off = psf_offsets(rot @ data.axes, data.psf_sigma, nodes)  # [M, S, 3]
+        self.sid, self.x, self.off, self.node_w = psf_quadrature(data, motion, s, pixels)
 
     def forward(self, volume: Tensor) -> Tensor:
         return torch.cat([acquire(volume, self.grid, self.x[c], self.off[self.sid[c]], self.node_w)

@@ -12,7 +12,7 @@ from torch import Tensor
 from gsvr.model.field import GaussianField
 from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables, pair_tables
 from gsvr.ops.knn import knn
-from gsvr.recon.config import FieldRates, FitConfig, ModelConfig
+from gsvr.recon.config import FitConfig, ModelConfig
 from gsvr.recon.state import ReconState, log_peak_memory
 from gsvr.recon.svr import SvrState
 
@@ -30,20 +30,15 @@ def run(state: ReconState, cfg: FitConfig | None) -> ReconState:
             state.record(NAME, loss)
             state.bar.update(1)
             state.bar.set_postfix_str(f"fit to SVR volume, loss {loss:.4f}")
-            if step < cfg.steps and state.ck.due(step):
+            if state.ck.due(step):
                 state.save(NAME, step, field=state.field.state(), optimizer=optimizer.state_dict(),
-                           svr_volume=svr.volume.cpu(), svr_grid=(grid.corner_mm, grid.spacing_mm, grid.shape))
+                           svr_volume=svr.volume.cpu(), svr_grid=(grid.corner_mm, grid.spacing_mm, grid.shape),
+                           pixel_weights=state.pixel_weights.cpu())
 
         fit_to_volume(state.field, svr, state.covered, cfg, state.cfg.model, k=state.k, on_step=step_done,
                       start=resumed["step"] if resumed else 0, optimizer_state=resumed["optimizer"] if resumed else None)
     log_peak_memory("the fit to the SVR volume")
     return state
-
-
-def field_groups(field: GaussianField, lr: FieldRates) -> list[dict]:
-    """Optimiser parameter groups of the Gaussian field, each with its learning rate."""
-    return [{"params": [field.means], "lr": lr.means}, {"params": [field.log_scales], "lr": lr.scales},
-            {"params": [field.quats], "lr": lr.quats}, {"params": [field.values], "lr": lr.values}]
 
 
 def fit_to_volume(field: GaussianField, svr: SvrState, covered: Tensor, cfg: FitConfig, model: ModelConfig, *, k: int,
@@ -55,7 +50,7 @@ def fit_to_volume(field: GaussianField, svr: SvrState, covered: Tensor, cfg: Fit
     pts = svr.grid.points(svr.volume.device)[covered]
     target = svr.volume[covered]
     k = min(k, field.n)
-    optimizer = torch.optim.Adam(field_groups(field, cfg.lr))
+    optimizer = torch.optim.Adam(field.param_groups(cfg.lr))
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     ids = torch.arange(field.n, device=pts.device)

@@ -27,6 +27,7 @@ def run(state: ReconState, cfg: InitConfig) -> ReconState:
     fit_state = ck.resumes("fit")
     if state.svr is None and fit_state:  # the SVR cycles ended before the checkpoint: their volume is in it
         state.svr = SvrState(fit_state["svr_volume"].to(device), VoxelGrid(*fit_state["svr_grid"]))
+        state.pixel_weights = fit_state["pixel_weights"].to(device)
     n = min(cfg.n_gaussians, state.data.n_pixels)
     if ck.skips("fit"):  # a joint checkpoint
         state.field = GaussianField.from_state(ck.loaded["field"], device)

@@ -18,7 +18,6 @@ from gsvr.recon.config import JointConfig
 from gsvr.recon.forward import Neighbours, current_positions, render_slices
 from gsvr.recon.losses import SliceImages, pixel_loss, regularise, slice_image_terms
 from gsvr.recon.slices import SliceData, SliceMotion, build_slice_data, downsample_inplane, motion_about_centres
-from gsvr.recon.stages.fit import field_groups
 from gsvr.recon.state import ReconState, log_peak_memory, robust_slice_weights
 from gsvr.recon.strategies import Densify, Progressive, ResidualFieldStrategy, Strategy
 
@@ -99,7 +98,7 @@ class JointLoop:
     def parameter_groups(self) -> list[dict]:
         opt = self.cfg.optim
         groups = [g for s in self.strategies for g in s.param_groups()]
-        groups += field_groups(self.field, opt.lr) + [{"params": [self.motion.log_scale], "lr": opt.slice_scale}]
+        groups += self.field.param_groups(opt.lr) + [{"params": [self.motion.log_scale], "lr": opt.slice_scale}]
         if self.train_motion:
             groups += [{"params": [self.motion.rotvec], "lr": opt.rotation}, {"params": [self.motion.trans], "lr": opt.translation}]
         return groups

@@ -12,7 +12,7 @@ from gsvr.progress import progress_bar
 from gsvr.recon.checkpoint import fingerprint
 from gsvr.recon.config import ReconConfig, RunConfig
 from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table
-from gsvr.recon.state import ReconState
+from gsvr.recon.state import EVALUATIONS, ReconState
 
 NAME = "slices"
 log = logging.getLogger(__name__)
@@ -43,12 +43,14 @@ def run(state: ReconState, cfg: RunConfig) -> ReconState:
         state.gen.set_state(loaded["gen"])
         torch.set_rng_state(loaded["torch_rng"])
         state.t_start -= loaded["elapsed_s"]
-        state.bar.update(len(state.history))
+        state.bar.update(sum(row[1] not in EVALUATIONS for row in state.history))
     return state
 
 
 def total_steps(cfg: ReconConfig, n_stacks: int) -> int:
-    """Steps of the progress bar: SVR cycles, fit steps, coarse and full-resolution joint steps."""
+    """Steps of the progress bar: SVR cycles, fit steps, the refinement's (its split's fit and the most steps of
+    both its refinements; the stage takes off those it does not run), coarse and full-resolution joint steps."""
     cycles = cfg.svr.n_cycles(n_stacks) if cfg.svr_cycles_run else 0
     fit = cfg.fit.steps if cfg.svr_cycles_run and cfg.init.from_svr and cfg.fit else 0
-    return cycles + fit + (cfg.joint.multires.steps if cfg.joint.multires else 0) + cfg.joint.steps
+    refine = cfg.fit.steps + 2 * cfg.refine.max_steps if cfg.refines else 0
+    return cycles + fit + refine + (cfg.joint.multires.steps if cfg.joint.multires else 0) + cfg.joint.steps

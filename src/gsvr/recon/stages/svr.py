@@ -27,6 +27,7 @@ def run(state: ReconState, cfg: SvrSettings | None) -> ReconState:
     state.svr, state.weights, pixel_weights = svr_cycles(
         state.data, state.motion, cfg, progress=tick, on_cycle=cycle_done, start_cycle=resumed["step"] if resumed else 0,
         weights=state.weights, pixel_weights=pixel_weights, weight_fn=slice_weight_fn(state.cfg))
+    state.pixel_weights = pixel_weights
     if state.cfg.fits_output_volume:
         state.bar.set_postfix_str("super-resolution on the output grid")
         state.svr = output_super_resolution(state.data, state.motion, state.weights[state.data.slice_idx] * pixel_weights,

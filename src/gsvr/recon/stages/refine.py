@@ -1,0 +1,95 @@
+"""Stage refine: the fitted Gaussians refined on the slices through the PSF quadrature (:mod:`gsvr.recon.refine`),
+for as many steps as held-out slices say pay off.
+
+A hashed ``refine.holdout_fraction`` of the slices is held out; a second field is initialised and fitted, as the init
+and fit stages do, to the output-grid super-resolution of the other slices, then refined on them until its error on
+the held-out slices stops falling. The field of all slices is then refined for the step count of that split's
+smallest held-out error (none when the first evaluation was the smallest). Slice motions, weights and scales stay as
+the SVR cycles left them. Checkpointed when it ends."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gsvr.recon.config import RefineConfig
+from gsvr.recon.refine import PsfQuadrature, holdout_slices, refine_field
+from gsvr.recon.stages.fit import fit_to_volume
+from gsvr.recon.stages.init import field_from_volume
+from gsvr.recon.state import ReconState, log_peak_memory, support_radius
+from gsvr.recon.svr import output_super_resolution
+
+NAME = "refine"
+log = logging.getLogger(__name__)
+
+
+def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
+    ck, full, data, bar = state.ck, state.cfg, state.data, state.bar
+    if not full.refines:
+        if cfg is not None:
+            log.info("refine: not run (it refines content-adaptive Gaussians fitted to the output-grid super-resolution "
+                     "after the SVR cycles)")
+        return state
+    if ck.skips(NAME) or ck.resumes(NAME):  # done before the checkpoint resumed from
+        stages = [row[1] for row in state.history]
+        settle_bar(state, cfg, split_steps=stages.count("refine_split"), steps=stages.count(NAME))
+        return state
+    pixel_weight = state.weights[data.slice_idx] * state.pixel_weights
+    held_slices = holdout_slices(data.n_slices, cfg.holdout_fraction)
+    held = held_slices.to(pixel_weight.device)[data.slice_idx]
+    if not held.any():  # a single slice: nothing to hold out
+        log.info("refine: not run (it holds out slices, and there is one)")
+        state.bar.total -= full.fit.steps + 2 * cfg.max_steps
+        return state
+    bar.set_postfix_str("refine: super-resolution without the held-out slices")
+    target = output_super_resolution(data, state.motion, pixel_weight * (~held).float(), full.svr, full.output.resolution_mm,
+                                     support_radius(state.stacks))
+    split = field_from_volume(target, state.covered, full.init, full.model, torch.Generator().manual_seed(full.run.seed),
+                              n=state.field.n, k=state.k)
+
+    def fit_step(step: int, loss: float, optimizer) -> None:
+        state.record("refine_fit", loss)
+        bar.update(1)
+        bar.set_postfix_str(f"refine: fit to the split, loss {loss:.4f}")
+
+    fit_to_volume(split, target, state.covered, full.fit, full.model, k=state.k, on_step=fit_step)
+    done = [0]  # steps the split ran
+
+    def split_step(step: int, loss: float) -> None:
+        done[0] = step
+        state.record("refine_split", loss)
+        bar.update(1)
+
+    def held_out(step: int, error: float) -> None:
+        state.record("refine_holdout", error)
+        bar.set_postfix_str(f"refine: split step {step}, held-out error {error:.3e}")
+
+    steps = refine_field(split, quadrature(state, torch.nonzero(~held)[:, 0], pixel_weight), cfg, full.model, k=state.k,
+                         steps=cfg.max_steps, held=quadrature(state, torch.nonzero(held)[:, 0], pixel_weight),
+                         on_step=split_step, on_held=held_out)
+    del split, target
+    log.info("refine: %d of %d slices held out; their error is smallest after %d steps of %d run",
+             int(held_slices.sum()), data.n_slices, steps, done[0])
+    settle_bar(state, cfg, split_steps=done[0], steps=steps)
+
+    def step_done(step: int, loss: float) -> None:
+        state.record(NAME, loss)
+        bar.update(1)
+        bar.set_postfix_str(f"refine {step}/{steps}, slice error {loss:.3e}")
+
+    refine_field(state.field, quadrature(state, torch.arange(data.n_pixels, device=pixel_weight.device), pixel_weight), cfg,
+                 full.model, k=state.k, steps=steps, on_step=step_done)
+    state.save(NAME, steps, field=state.field.state())
+    log_peak_memory("the refinement on the slices")
+    return state
+
+
+def quadrature(state: ReconState, pixels: torch.Tensor, pixel_weight: torch.Tensor) -> PsfQuadrature:
+    return PsfQuadrature(state.data, state.motion, state.cfg.svr, pixels, pixel_weight, psf=state.cfg.model.psf)
+
+
+def settle_bar(state: ReconState, cfg: RefineConfig, *, split_steps: int, steps: int) -> None:
+    """The progress bar counted the most steps of both refinements (``total_steps``): take off those not run."""
+    state.bar.total -= (cfg.max_steps - split_steps) + (cfg.max_steps - steps)
+    state.bar.refresh()

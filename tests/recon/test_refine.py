@@ -1,0 +1,119 @@
+"""The refinement through the PSF quadrature: its held-out split, its stopping rule, and the stage end to end."""
+
+import numpy as np
+import pytest
+import torch
+
+from gsvr.evaluate import evaluate_volume
+from gsvr.model.field import GaussianField
+from gsvr.recon.config import ModelConfig, RefineConfig, SvrSettings
+from gsvr.recon.engine import reconstruct
+from gsvr.recon.refine import PsfQuadrature, holdout_slices, refine_field
+from gsvr.recon.slices import SliceMotion, build_slice_data
+from gsvr.recon.svr import SliceOperator, output_super_resolution
+from gsvr.recon.config import ReconConfig
+from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
+from helpers import stacks_from_simulation
+
+MODEL = ModelConfig(k_neighbors=12)
+
+
+@pytest.mark.parametrize("n_slices,fraction,expected", [(100, 0.1, 10), (54, 0.1, 5), (7, 0.1, 1), (2, 0.9, 1)])
+def test_held_out_slices_are_a_fixed_share_at_least_one_never_all(n_slices, fraction, expected):
+    held = holdout_slices(n_slices, fraction)
+    assert held.dtype == torch.bool and held.shape == (n_slices,)
+    assert int(held.sum()) == expected
+    assert torch.equal(held, holdout_slices(n_slices, fraction))  # the same slices in every run
+
+
+def test_held_out_slices_spread_over_the_depth():
+    held = torch.nonzero(holdout_slices(90, 0.1))[:, 0]
+    assert held.min() < 30 and held.max() >= 60  # not a block of neighbours
+
+
+@pytest.fixture(scope="module")
+def case(tiny_stacks):
+    """Slices at their true (identity) motion, the output-grid super-resolution of all of them and a field of
+    Gaussians on its voxels: a field that already predicts the slices well."""
+    data = build_slice_data(tiny_stacks, quantile=0.99, device="cpu")
+    motion = SliceMotion(data.n_slices, "cpu")
+    s = SvrSettings(output_tikhonov_factors=None)
+    ones = torch.ones(data.n_pixels)
+    svr = output_super_resolution(data, motion, ones, s, 2.4, 6.0)
+    inside = svr.volume > 0.05
+    pts = svr.grid.points("cpu")[inside]
+    field = GaussianField(pts, torch.full_like(pts, np.log(1.2)), torch.tensor([[1.0, 0, 0, 0]]).repeat(len(pts), 1),
+                          svr.volume[inside], mode="normalized")
+    return data, motion, s, field
+
+
+def test_the_quadrature_predicts_the_slices_as_the_voxel_operator_samples_the_same_volume(case):
+    """The render's contract: the field sampled at the voxel operator's PSF nodes, weighted, scaled."""
+    data, motion, s, field = case
+    pixels = torch.arange(0, data.n_pixels, 7)
+    q = PsfQuadrature(data, motion, s, pixels, torch.ones(data.n_pixels))
+    q.refresh(field, MODEL.k_neighbors, "kdtree")
+    op = SliceOperator(data, motion, None, s, pixels)
+    nodes = (op.x[:, None, :] + op.off[op.sid]).reshape(-1, 3)
+    expected = (field.sample(nodes, k=MODEL.k_neighbors, delta=MODEL.delta).reshape(len(pixels), -1) * op.node_w).sum(-1)
+    err = float(((expected - data.y[pixels]) ** 2).mean())
+    assert q.error(field, MODEL) == pytest.approx(err, rel=1e-4)
+
+
+def _split(data, fraction=0.2):
+    held = holdout_slices(data.n_slices, fraction)[data.slice_idx]
+    return torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]
+
+
+def test_refinement_stops_at_once_where_every_step_overfits(case):
+    """Forced overfitting: the training pixels are noise, the held-out ones the slices. The held-out error is
+    smallest before the first step, so the split stops after ``patience`` worse evaluations and keeps 0 steps."""
+    data, motion, s, field = case
+    field = GaussianField.from_state(field.state())
+    train, test = _split(data)
+    weight = torch.ones(data.n_pixels)
+    noisy = PsfQuadrature(data, motion, s, train, weight)
+    noisy.y = torch.rand(len(train), generator=torch.Generator().manual_seed(0)) * 2
+    evaluations = []
+    cfg = RefineConfig(max_steps=20, every=2, patience=2)
+    best = refine_field(field, noisy, cfg, MODEL, k=MODEL.k_neighbors, steps=cfg.max_steps,
+                        held=PsfQuadrature(data, motion, s, test, weight), on_held=lambda step, e: evaluations.append((step, e)))
+    assert best == 0
+    assert [step for step, _ in evaluations] == [0, 2, 4]  # two evaluations without a new minimum, then stop
+    assert evaluations[1][1] > evaluations[0][1] and evaluations[2][1] > evaluations[0][1]
+
+
+def test_refinement_runs_on_while_the_held_out_error_falls(case):
+    """A field with its intensities halved: the steps on the training slices mend the held-out ones too."""
+    data, motion, s, field = case
+    field = GaussianField.from_state(field.state())
+    with torch.no_grad():
+        field.values.mul_(0.5)
+    train, test = _split(data)
+    weight = torch.ones(data.n_pixels)
+    evaluations = []
+    cfg = RefineConfig(max_steps=8, every=2, patience=2)
+    best = refine_field(field, PsfQuadrature(data, motion, s, train, weight), cfg, MODEL, k=MODEL.k_neighbors,
+                        steps=cfg.max_steps, held=PsfQuadrature(data, motion, s, test, weight),
+                        on_held=lambda step, e: evaluations.append(e))
+    assert best == 8
+    assert all(b < a for a, b in zip(evaluations, evaluations[1:]))
+
+
+SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
+TINY = {"init": {"n_gaussians": 3000}, "model": {"k_neighbors": 12, "knn_every": 5}, "output": {"resolution_mm": 1.6},
+        "svr": {"spacings_mm": [3.2, 2.4, 2.4]}, "align": None, "fit": {"steps": 20}}
+
+
+@pytest.mark.slow
+def test_the_stage_brings_the_volume_closer_to_the_truth_than_the_fit_alone(small_subject):
+    vol, mask, affine = small_subject
+    sim = simulate_stacks(vol, mask, affine, SimulationConfig(motion_rotation_deg=3.0, motion_translation_mm=2.0, seed=4, **SIM))
+    psnr = {}
+    for refine in (None, {"max_steps": 12}):
+        result = reconstruct(stacks_from_simulation(sim), ReconConfig.from_dict({**TINY, "refine": refine}), progress=False)
+        psnr[bool(refine)] = evaluate_volume(result.volume.data, result.volume.affine, vol, affine, mask).psnr
+        if refine:
+            history = result.history
+            assert (history.stage == "refine_holdout").any() and (history.stage == "refine").any()
+    assert psnr[True] > psnr[False] + 0.3, psnr
