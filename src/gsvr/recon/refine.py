@@ -22,7 +22,7 @@ from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables
 from gsvr.ops.knn import knn
 from gsvr.recon.config import ModelConfig, RefineConfig, SvrSettings
 from gsvr.recon.slices import SliceData, SliceMotion
-from gsvr.recon.svr import psf_quadrature
+from gsvr.recon.svr import psf_quadrature, step_sample
 
 
 def holdout_slices(n_slices: int, fraction: float) -> Tensor:
@@ -120,8 +120,7 @@ def refine_field(field: GaussianField, train: PsfQuadrature, cfg: RefineConfig, 
             break
         if step % model.knn_every == 0:
             train.refresh(field, k, model.knn_backend)
-        rows = None if n_rows == train.n else \
-            torch.randperm(train.n, generator=torch.Generator().manual_seed(step))[:n_rows].to(train.y.device)
+        rows = step_sample(train.n, n_rows, step, train.y.device)
         optimizer.zero_grad(set_to_none=True)
         loss = train.error(field, model, rows, backward=True)
         optimizer.step()

@@ -134,6 +134,14 @@ def holdout_pixels(n_pixels: int, fraction: float, device: torch.device | str = 
     return (idx * 2654435761) % 2**32 < int(fraction * 2**32)
 
 
+def step_sample(n: int, count: int, step: int, device: torch.device | str = "cpu") -> Tensor | None:
+    """The ``count`` of ``n`` items (pixels, voxels) one optimisation step uses: None (all) when ``count`` is ``n``,
+    else a permutation drawn from the step number alone, so a resumed run draws the same ones."""
+    if count == n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(step))[:count].to(device)
+
+
 def select_tikhonov(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, grid: VoxelGrid, s: SvrSettings,
                     factors: Sequence[float], *, fraction: float = 0.1) -> tuple[float, Tensor, list[tuple[float, float]]]:
     """The gradient penalty, among ``s.tikhonov`` times each of ``factors``, whose super-resolution from the pixels

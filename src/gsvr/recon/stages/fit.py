@@ -14,7 +14,7 @@ from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables, pair_tables
 from gsvr.ops.knn import knn
 from gsvr.recon.config import FitConfig, ModelConfig
 from gsvr.recon.state import ReconState, log_peak_memory
-from gsvr.recon.svr import SvrState
+from gsvr.recon.svr import SvrState, step_sample
 
 NAME = "fit"
 
@@ -58,9 +58,7 @@ def fit_to_volume(field: GaussianField, svr: SvrState, covered: Tensor, cfg: Fit
     for it in range(start, cfg.steps):
         if it % model.knn_every == 0:
             nbr = knn(field.means.detach(), pts, k, backend=model.knn_backend)
-        # each step's voxels depend on the step alone, so a resumed fit draws the same ones
-        step_idx = None if n_step == len(pts) else \
-            torch.randperm(len(pts), generator=torch.Generator().manual_seed(it))[:n_step].to(pts.device)
+        step_idx = step_sample(len(pts), n_step, it, pts.device)
         optimizer.zero_grad(set_to_none=True)
         tables = pair_tables(field.means, field.log_scales, field.quats, field.intensities, None, ids, ids, mode=model.render_mode)
         packed = pack_tables(tables)
