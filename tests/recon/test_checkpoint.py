@@ -15,7 +15,7 @@ from gsvr.recon.engine import reconstruct
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 
 SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
-# Every stage runs and is checkpointed: 5 SVR cycles (2 whole-stack, 3 slice), 20 fit steps (checkpoints at 5, 10, 15
+# Every stage runs and is checkpointed: 6 SVR cycles (2 whole-stack, 3 slice, 1 on the output grid), 20 fit steps (checkpoints at 5, 10, 15
 # and 20), the refinement (one checkpoint when it ends), 20 joint steps on half batches (random).
 # (No stack multi-start: it runs before the first checkpoint and only costs time here.)
 CFG = ReconConfig.from_dict({
@@ -37,7 +37,7 @@ def uninterrupted(stacks):
     return reconstruct(stacks, CFG, progress=False)
 
 
-@pytest.mark.parametrize("n_saves,stage,step", [(2, "svr", 2), (7, "fit", 10), (10, "refine", None), (13, "joint", 15)])
+@pytest.mark.parametrize("n_saves,stage,step", [(2, "svr", 2), (8, "fit", 10), (11, "refine", None), (14, "joint", 15)])
 def test_resume_from_each_stage_gives_the_uninterrupted_result(stacks, uninterrupted, interrupt_and_resume, n_saves, stage, step):
     state, resumed, path = interrupt_and_resume(stacks, CFG, n_saves)
     if step is None:  # the refinement's checkpoint: the steps it chose

@@ -9,6 +9,7 @@ from scipy import ndimage
 from gsvr.geometry import axis_angle_to_matrix
 from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table, transform_points
+from gsvr.recon.state import support_radius
 from gsvr.recon.svr import (SvrSettings, _grad_penalty_normal, edge_weights, em_robust_weights, register, remove_global_motion,
                             super_resolve, svr_cycles)
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
@@ -73,15 +74,33 @@ def test_super_resolution_with_true_motion_matches_the_ground_truth(moved):
     assert np.corrcoef(a, b)[0, 1] > 0.93
 
 
-def test_svr_cycles_recover_motion_from_the_slices_alone(moved):
+@pytest.fixture(scope="module")
+def cycled(moved):
+    """Slice displacements from the truth (mm) before the cycles, and after them without and with the last cycle on the
+    output grid."""
     sim, data, gt, stacks = moved
     truth = _true_motion(sim, data, stacks)
-    motion = SliceMotion(data.n_slices, torch.device("cpu"))
-    before = _displacement_mm(data, motion, truth)
-    settings = SvrSettings(spacings_mm=(3.2, 3.2, 2.4, 2.4, 1.6, 1.6), stack_spacings_mm=())
-    svr_cycles(data, motion, settings, weight_fn=torch.ones_like)
-    after = _displacement_mm(data, motion, truth)
-    assert after.median() < 0.4 * before.median(), (before.median(), after.median())
+    after = {}
+    for output_registration in (False, True):
+        motion = SliceMotion(data.n_slices, torch.device("cpu"))
+        settings = SvrSettings(spacings_mm=(3.2, 3.2, 2.4, 2.4, 1.6, 1.6), stack_spacings_mm=(),
+                               output_registration=output_registration)
+        assert settings.n_cycles(len(stacks)) == 6 + output_registration
+        svr_cycles(data, motion, settings, weight_fn=torch.ones_like, output_mm=1.2, radius_mm=support_radius(stacks))
+        after[output_registration] = _displacement_mm(data, motion, truth)
+    return _displacement_mm(data, SliceMotion(data.n_slices, torch.device("cpu")), truth), after
+
+
+def test_svr_cycles_recover_motion_from_the_slices_alone(cycled):
+    before, after = cycled
+    for output_registration, a in after.items():
+        assert a.median() < 0.4 * before.median(), (output_registration, before.median(), a.median())
+
+
+def test_the_last_cycle_on_the_output_grid_brings_the_slices_closer(cycled):
+    _, after = cycled
+    assert after[True].median() < after[False].median(), (after[True].median(), after[False].median())
+    assert SvrSettings(output_registration=True, leave_one_out=False).n_cycles(3) == 6  # leave-one-out only
 
 
 def test_stack_registration_moves_a_turned_stack_back_as_one_rigid_body(small_subject):

@@ -59,7 +59,8 @@ def _classic(stacks: Sequence[Stack], cfg: ReconConfig, progress: bool, initial_
         weights = torch.ones(data.n_slices, device=device)
         pixel_weights = torch.ones(data.n_pixels, device=device)
         if cfg.motion:
-            _, weights, pixel_weights = svr_cycles(data, motion, settings, weight_fn=weight_fn, progress=tick)
+            _, weights, pixel_weights = svr_cycles(data, motion, settings, weight_fn=weight_fn, progress=tick,
+                                                   output_mm=cfg.output.resolution_mm, radius_mm=support_radius(stacks))
         bar.set_postfix_str("super-resolution on the output grid")
         out = output_super_resolution(data, motion, weights[data.slice_idx] * pixel_weights, settings,
                                       cfg.output.resolution_mm, support_radius(stacks))

@@ -57,6 +57,9 @@ class SvrSettings:
     #: other stacks (through the PSF, so thick and thin directions are compared like with like); needs 2+ stacks
     stack_spacings_mm: tuple[float, ...] = (3.2, 2.4)
     leave_one_out: bool = True  #: register each stack's slices to the volume of the other stacks
+    #: a last cycle registers each stack's slices to the super-resolution of the other stacks on the output grid, its
+    #: penalty chosen on held-out pixels as the output solve's (leave-one-out only; docs/results.md section 21)
+    output_registration: bool = True
     #: robust statistics: "slice" (slice weights from the mean residual, ``weight_fn``) or "em" (Kuklisova-Murgasova:
     #: EM on a pixel-wise inlier Gaussian / outlier uniform mixture, then a two-class mixture of
     #: the slice potentials; the super-resolution weights each pixel by both posteriors)
@@ -114,7 +117,7 @@ class SvrSettings:
     def n_cycles(self, n_stacks: int) -> int:
         """Cycles :func:`svr_cycles` runs on ``n_stacks`` stacks (whole-stack cycles need leave-one-out)."""
         loo = self.leave_one_out and n_stacks > 1
-        return len(self.spacings_mm) + (len(self.stack_spacings_mm) if loo else 0)
+        return len(self.spacings_mm) + (len(self.stack_spacings_mm) + self.output_registration if loo else 0)
 
 
 @dataclass(frozen=True)

@@ -218,9 +218,9 @@ def _chunks(n: int, size: int):
         yield slice(start, start + size)
 
 
-def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_fn, progress=None, start_cycle: int = 0,
-               weights: Tensor | None = None, pixel_weights: Tensor | None = None, on_cycle=None
-               ) -> tuple[SvrState, Tensor, Tensor]:
+def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_fn, output_mm: float, radius_mm: float,
+               progress=None, start_cycle: int = 0, weights: Tensor | None = None, pixel_weights: Tensor | None = None,
+               on_cycle=None) -> tuple[SvrState, Tensor, Tensor]:
     """Run the coarse-to-fine cycles, updating ``motion`` in place; returns the final volume and slice weights.
 
     With ``leave_one_out`` (and at least two stacks) the slices of each stack are registered to a
@@ -228,11 +228,16 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
     imprint in the volume; orthogonal stacks give that volume its resolution exactly along the
     held-out slices' in-plane axes.
 
+    With ``output_registration`` (and leave-one-out) a last cycle registers each stack's slices to the
+    super-resolution of the other stacks on the output grid (``output_mm``, zero beyond ``radius_mm`` of the pixels),
+    its gradient penalty chosen on held-out pixels as the output solve's is (:func:`output_super_resolution`).
+
     Returns the volume, the slice weights [M] and the pixel weights [P] (ones unless ``robust="em"``);
     the super-resolution weights a pixel by their product.
 
     Args:
         weight_fn: maps the per-slice mean absolute residual [M] to slice weights [M] (``robust="slice"``).
+        output_mm, radius_mm: the output grid's spacing and support radius (the last cycle's volume).
         progress: optional callable(cycle, median_ncc) told when each cycle ends.
         start_cycle, weights, pixel_weights: resume after ``start_cycle`` cycles, with the weights they left.
         on_cycle: optional callable(cycles_done, weights, pixel_weights) after each cycle (checkpoints).
@@ -245,6 +250,8 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
     pixel_weights = torch.ones(data.n_pixels, device=dev) if pixel_weights is None else pixel_weights
     stack_cycles = s.n_cycles(len(stacks)) - len(s.spacings_mm)
     schedule = list(s.stack_spacings_mm[:stack_cycles]) + list(s.spacings_mm)
+    on_output = len(schedule)  # the cycle on the output grid, when there is one
+    schedule += [output_mm] * (s.n_cycles(len(stacks)) - len(schedule))
     for cycle, spacing in enumerate(schedule):
         if cycle < start_cycle:
             continue
@@ -257,7 +264,12 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
         for held_out in groups:
             fit_slices = ~held_out if loo else held_out
             fit_pixels = torch.nonzero(fit_slices[data.slice_idx])[:, 0]
-            vol = super_resolve(data, motion, weights[data.slice_idx] * pixel_weights, grid, s, pixels=fit_pixels)
+            if cycle == on_output:
+                out = output_super_resolution(data, motion, weights[data.slice_idx] * pixel_weights * fit_slices[data.slice_idx],
+                                              s, output_mm, radius_mm)
+                vol, grid = out.volume, out.grid
+            else:
+                vol = super_resolve(data, motion, weights[data.slice_idx] * pixel_weights, grid, s, pixels=fit_pixels)
             ncc_k = register(vol, grid, data, motion, s, slices=held_out, groups=stack_of if whole_stacks else None,
                              rotate=whole_stacks or cycle - stack_cycles >= s.translation_only_cycles)
             ncc[held_out] = ncc_k[held_out]
@@ -271,8 +283,9 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
         if s.ncc_outlier_z is not None and not whole_stacks and loo:
             weights = weights * ncc_outlier_weights(ncc, s.ncc_outlier_z)
         remove_global_motion(data, motion)
-        log.info("svr cycle %d (%.1f mm, %s): median slice NCC %.3f", cycle + 1, spacing,
-                 "whole stacks" if whole_stacks else "slices", float(ncc.median()))
+        log.info("svr cycle %d (%.1f mm%s, %s): median slice NCC %.3f", cycle + 1, spacing,
+                 ", output grid" if cycle == on_output else "", "whole stacks" if whole_stacks else "slices",
+                 float(ncc.median()))
         if progress is not None:
             progress(cycle, float(ncc.median()))
         if on_cycle is not None:

@@ -26,7 +26,8 @@ def run(state: ReconState, cfg: SvrSettings | None) -> ReconState:
     pixel_weights = resumed["pixel_weights"].to(state.device) if resumed else None
     state.svr, state.weights, pixel_weights = svr_cycles(
         state.data, state.motion, cfg, progress=tick, on_cycle=cycle_done, start_cycle=resumed["step"] if resumed else 0,
-        weights=state.weights, pixel_weights=pixel_weights, weight_fn=slice_weight_fn(state.cfg))
+        weights=state.weights, pixel_weights=pixel_weights, weight_fn=slice_weight_fn(state.cfg),
+        output_mm=state.cfg.output.resolution_mm, radius_mm=support_radius(state.stacks))
     state.pixel_weights = pixel_weights
     if state.cfg.fits_output_volume:
         state.bar.set_postfix_str("super-resolution on the output grid")
