@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gsvr.ops.voxel import VoxelGrid, acquire, acquire_adjoint, psf_nodes, psf_offsets
+from gsvr.ops.voxel import VoxelGrid, acquire, acquire_adjoint, acquisition_matrices, psf_nodes, psf_offsets
 
 
 def _random_slices(n_pix: int, grid: VoxelGrid, gen: torch.Generator):
@@ -30,6 +30,26 @@ def test_acquire_adjoint_passes_the_dot_product_test(orders):
     lhs = (acquire(v, grid, x, off, w) * u).sum()
     rhs = (v * acquire_adjoint(u, grid, x, off, w)).sum()
     torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("orders", [(1, 1), (5, 1), (5, 3)])
+def test_acquisition_matrix_is_the_operator_and_its_transpose_the_adjoint(orders):
+    """Pixels inside, near and beyond the grid's faces (corners off the grid read zero), built in several chunks."""
+    gen = torch.Generator().manual_seed(2)
+    grid = VoxelGrid((-10.0, -12.0, -8.0), 1.0, (21, 25, 17))
+    x, axes, sigma = _random_slices(700, grid, gen)
+    x = x + torch.randn(len(x), 3, generator=gen, dtype=torch.float64) * 4.0  # some PSF nodes leave the grid
+    nodes, w = psf_nodes(*orders, dtype=torch.float64)
+    off = psf_offsets(axes, sigma, nodes)[torch.zeros(len(x), dtype=torch.long)]
+    v = torch.randn(grid.shape, generator=gen, dtype=torch.float64)
+    u = torch.randn(len(x), generator=gen, dtype=torch.float64)
+    a, a_t = acquisition_matrices(grid, x, off, w, chunk=256)
+    assert a.shape == (700, 21 * 25 * 17) and a.col_indices().dtype == torch.int32
+    for m in (a, a_t):  # torch's CSR invariants (rows' columns sorted and distinct), which the products assume
+        torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape, check_invariants=True)
+    torch.testing.assert_close(torch.mv(a, v.reshape(-1)), acquire(v, grid, x, off, w), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.mv(a_t, u).reshape(grid.shape), acquire_adjoint(u, grid, x, off, w),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_psf_quadrature_integrates_a_quadratic_volume_exactly():

@@ -11,7 +11,7 @@ from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.slices import SliceMotion, build_slice_data, set_motion_from_table, transform_points
 from gsvr.recon.state import support_radius
 from gsvr.recon.svr import (SvrSettings, _grad_penalty_normal, edge_weights, em_robust_weights, register, remove_global_motion,
-                            super_resolve, svr_cycles)
+                            super_resolve, support_mask, svr_cycles, within_radius)
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 
 SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
@@ -258,3 +258,19 @@ def test_the_held_out_error_chooses_weak_smoothing_for_clean_slices_and_strong_f
                                                    dataclasses.replace(s, tikhonov=0.05 * f)).numpy() - ref.numpy())[inside] ** 2)))
             for f in factors}
     assert min(rmse, key=rmse.get) == expected, rmse
+
+
+@pytest.mark.parametrize("spacing, radius", [(0.8, 2.0), (1.3, 0.5), (0.5, 3.1)])
+def test_support_mask_is_the_brute_force_radius_test(spacing, radius):
+    """The distance-transform shortcut decides every voxel as the nearest-neighbour test of all of them does: points on
+    slabs (like slices) and scattered, a radius under and over the spacing, and points off the grid (the fallback)."""
+    gen = torch.Generator().manual_seed(3)
+    slab = torch.rand(4000, 3, generator=gen) * torch.tensor([30.0, 25.0, 0.0]) + torch.tensor([0.0, 0.0, 7.3])
+    points = torch.cat([slab, slab[:, [2, 0, 1]] * 0.9, torch.rand(300, 3, generator=gen) * 30.0])
+    grid = VoxelGrid.covering(points, spacing, radius)
+    brute = within_radius(points, grid.points().reshape(-1, 3), radius).reshape(grid.shape)
+    got = support_mask(grid, points, radius)
+    assert 0 < int(brute.sum()) < brute.numel() and torch.equal(got, brute)
+    shifted = VoxelGrid(tuple(c + 5.0 for c in grid.corner_mm), spacing, grid.shape)  # some points off this grid
+    assert torch.equal(support_mask(shifted, points, radius),
+                       within_radius(points, shifted.points().reshape(-1, 3), radius).reshape(grid.shape))

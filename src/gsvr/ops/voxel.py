@@ -5,11 +5,16 @@ rotated with the slice). The integral is Gauss-Hermite quadrature over the PSF, 
 from the grid by trilinear interpolation (``grid_sample``). The operator is linear in the
 volume; its adjoint is the vector-Jacobian product (:func:`acquire_adjoint`), and its gradient
 with respect to the sample positions gives slice-to-volume registration.
+
+For fixed positions the operator is a sparse matrix (:func:`acquisition_matrices`: each pixel's PSF nodes times
+the 8 trilinear weights of each node). Iterative solves that apply it many times use that matrix and its
+transpose, compressed-row products an order of magnitude faster than interpolating again each time.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +102,51 @@ def acquire(volume: Tensor, grid: VoxelGrid, x: Tensor, offsets: Tensor, weights
     vals = F.grid_sample(volume[None, None], pts[None, :, :, None, :], mode="bilinear",
                          padding_mode="zeros", align_corners=True)  # [1, 1, P, S, 1]
     return (vals[0, 0, :, :, 0] * weights).sum(-1)
+
+
+def acquisition_matrices(grid: VoxelGrid, x: Tensor, offsets: Tensor, weights: Tensor, *, chunk: int = 65_536
+                         ) -> tuple[Tensor, Tensor]:
+    """The matrix of :func:`acquire` for fixed positions and its transpose (that of :func:`acquire_adjoint`), both sparse
+    CSR with int32 indices where the grid allows: [P, I*J*K], row p holding each of the pixel's PSF nodes' 8 trilinear
+    weights times the node's quadrature weight, summed per voxel (corners off the grid dropped: ``grid_sample`` reads
+    zeros there). So ``acquire(volume, ...) == matrix @ volume.reshape(-1)`` up to rounding.
+
+    Args:
+        x: [P, 3] pixel centres (mm); offsets: [P, S, 3] PSF node offsets (mm); weights: [S] quadrature weights.
+        chunk: pixels per step of the construction (bounds its temporaries).
+    """
+    shape = torch.tensor(grid.shape, device=x.device)
+    n_vox = math.prod(grid.shape)
+    index = torch.int32 if n_vox < 2**31 else torch.int64
+    corner = torch.tensor(grid.corner_mm, device=x.device, dtype=x.dtype)
+    corners = torch.tensor([(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)], device=x.device)  # [8, 3]
+    cols, vals, counts = [], [], []
+    for start in range(0, len(x), chunk):
+        u = (x[start : start + chunk, None, :] + offsets[start : start + chunk] - corner) / grid.spacing_mm  # [p, S, 3]
+        base = torch.floor(u)
+        frac = (u - base)[:, :, None, :]  # [p, S, 1, 3]
+        idx = base.long()[:, :, None, :] + corners  # [p, S, 8, 3]
+        w = torch.where(corners.bool(), frac, 1 - frac).prod(-1) * weights[:, None]  # [p, S, 8]
+        inside = ((idx >= 0) & (idx < shape)).all(-1)
+        lin = torch.where(inside, (idx[..., 0] * shape[1] + idx[..., 1]) * shape[2] + idx[..., 2], n_vox)
+        # Each row's voxels sorted and distinct (torch's CSR invariant): sum the weights of a voxel's repeats, drop
+        # the corners off the grid (sorted last, as n_vox).
+        lin, order = lin.reshape(len(u), -1).sort(dim=1)
+        w = w.reshape(len(u), -1).gather(1, order)
+        first = torch.ones_like(lin, dtype=torch.bool)
+        first[:, 1:] = lin[:, 1:] != lin[:, :-1]
+        summed = torch.zeros(int(first.sum()), dtype=x.dtype, device=x.device).index_add_(
+            0, first.reshape(-1).cumsum(0) - 1, w.reshape(-1))
+        keep = first & (lin < n_vox)  # [p, S*8]: the entries the row keeps
+        cols.append(lin[keep].to(index))
+        vals.append(summed[keep[first]])
+        counts.append(keep.sum(1))
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=x.device), torch.cat(counts).cumsum(0)]).to(index)
+    with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"; matrix-vector products are all we use
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        a = torch.sparse_csr_tensor(crow, torch.cat(cols), torch.cat(vals), (len(x), n_vox), 
+                                    check_invariants=False)  # valid by construction (tests/ops/test_voxel.py)
+        return a, a.t().to_sparse_csr()
 
 
 def acquire_adjoint(values: Tensor, grid: VoxelGrid, x: Tensor, offsets: Tensor, weights: Tensor) -> Tensor:

@@ -18,12 +18,14 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
+from scipy import ndimage
 from torch import Tensor
 
 from gsvr.geometry import matrix_to_axis_angle
 from gsvr.ops.knn import knn
-from gsvr.ops.voxel import VoxelGrid, acquire, acquire_adjoint, psf_nodes, psf_offsets
+from gsvr.ops.voxel import VoxelGrid, acquire, acquire_adjoint, acquisition_matrices, psf_nodes, psf_offsets
 from gsvr.recon.config import SvrSettings
 from gsvr.recon.registration import register
 from gsvr.recon.slices import SliceData, SliceMotion, transform_points
@@ -53,17 +55,28 @@ def psf_quadrature(data: SliceData, motion: SliceMotion, s: SvrSettings, pixels:
 
 
 class SliceOperator:
-    """Acquisition of the chosen in-mask pixels for fixed motion (chunked)."""
+    """Acquisition of the chosen in-mask pixels for fixed motion (chunked).
 
-    def __init__(self, data: SliceData, motion: SliceMotion, grid: VoxelGrid, s: SvrSettings, pixels: Tensor) -> None:
+    With ``matrix`` (for solves that apply it many times) the operator and its transpose are built once as sparse
+    matrices (:func:`gsvr.ops.voxel.acquisition_matrices`); otherwise each application interpolates again."""
+
+    def __init__(self, data: SliceData, motion: SliceMotion, grid: VoxelGrid, s: SvrSettings, pixels: Tensor, *,
+                 matrix: bool = False) -> None:
         self.grid, self.s = grid, s
         self.sid, self.x, self.off, self.node_w = psf_quadrature(data, motion, s, pixels)
+        self.a = self.a_t = None
+        if matrix:
+            self.a, self.a_t = acquisition_matrices(grid, self.x, self.off[self.sid], self.node_w, chunk=s.chunk_pixels)
 
     def forward(self, volume: Tensor) -> Tensor:
+        if self.a is not None:
+            return torch.mv(self.a, volume.reshape(-1))
         return torch.cat([acquire(volume, self.grid, self.x[c], self.off[self.sid[c]], self.node_w)
                           for c in _chunks(len(self.x), self.s.chunk_pixels)])
 
     def adjoint(self, values: Tensor) -> Tensor:
+        if self.a_t is not None:
+            return torch.mv(self.a_t, values).reshape(self.grid.shape)
         out = torch.zeros(self.grid.shape, device=values.device)
         for c in _chunks(len(self.x), self.s.chunk_pixels):
             out += acquire_adjoint(values[c], self.grid, self.x[c], self.off[self.sid[c]], self.node_w)
@@ -97,15 +110,16 @@ def _pad(dim: int, before: int, after: int) -> list[int]:
 
 
 def super_resolve(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, grid: VoxelGrid, s: SvrSettings, *,
-                  pixels: Tensor | None = None, init: Tensor | None = None) -> Tensor:
+                  pixels: Tensor | None = None, init: Tensor | None = None, operator: SliceOperator | None = None) -> Tensor:
     """Weighted Tikhonov least squares by conjugate gradients: (A^T W A + lam G^T G) v = A^T W y.
 
     A includes each slice's intensity scale. ``pixel_weight`` [P] is W (slice weight x pixel weight);
-    ``pixels`` (indices) restricts the data term to a subset of the pixels.
+    ``pixels`` (indices) restricts the data term to a subset of the pixels. ``operator``: A for those pixels, motion
+    and grid, built by the caller (to share it between solves); built here when None.
     """
     if pixels is None:
         pixels = torch.arange(data.n_pixels, device=data.x0.device)
-    op = SliceOperator(data, motion, grid, s, pixels)
+    op = operator or SliceOperator(data, motion, grid, s, pixels, matrix=True)
     scale = torch.exp(motion.log_scale.detach())[op.sid]
     pixel_weight = pixel_weight[pixels]
     w = pixel_weight * scale.square()
@@ -156,14 +170,15 @@ def select_tikhonov(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, 
     dev = data.x0.device
     held = holdout_pixels(data.n_pixels, fraction, dev)
     train, test = torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]
-    op = SliceOperator(data, motion, grid, s, test)
+    op, op_train = SliceOperator(data, motion, grid, s, test), SliceOperator(data, motion, grid, s, train, matrix=True)
     scale = torch.exp(motion.log_scale.detach())[op.sid]
     w = pixel_weight[test]
     v, best, errors = None, None, []
     for factor in sorted(factors, reverse=True):
         iterations = s.cg_iterations if v is None else max(s.cg_iterations // 2, 1)
         v = super_resolve(data, motion, pixel_weight, grid,
-                          dataclasses.replace(s, tikhonov=s.tikhonov * factor, cg_iterations=iterations), pixels=train, init=v)
+                          dataclasses.replace(s, tikhonov=s.tikhonov * factor, cg_iterations=iterations), pixels=train, init=v,
+                          operator=op_train)
         r = scale * op.forward(v) - data.y[test]
         err = float((w * r * r).sum() / w.sum().clamp_min(1e-12))
         errors.append((factor, err))
@@ -362,9 +377,27 @@ def within_radius(points_mm: Tensor, queries_mm: Tensor, radius_mm: float) -> Te
     return (queries_mm - points_mm[near]).norm(dim=-1) <= radius_mm
 
 
+@torch.no_grad()
 def support_mask(grid: VoxelGrid, points_mm: Tensor, radius_mm: float) -> Tensor:
-    """[I, J, K] bool: voxels within ``radius_mm`` of some point of ``points_mm`` [P, 3] (the in-mask pixels)."""
-    return within_radius(points_mm, grid.points(points_mm.device).reshape(-1, 3), radius_mm).reshape(grid.shape)
+    """[I, J, K] bool: voxels within ``radius_mm`` of some point of ``points_mm`` [P, 3] (the in-mask pixels).
+
+    Every point lies within s = h sqrt(3) / 2 of the centre of the voxel it rounds to, so a voxel whose distance
+    (Euclidean distance transform) to the nearest such voxel is at most radius - s is within the radius, and one
+    farther than radius + s is not: only the shell between is decided by a nearest-neighbour query."""
+    pts = grid.points(points_mm.device)
+    if len(points_mm) == 0:
+        return torch.zeros(grid.shape, dtype=torch.bool, device=points_mm.device)
+    ijk = torch.round((points_mm - torch.tensor(grid.corner_mm, device=points_mm.device)) / grid.spacing_mm).long()
+    if not bool(((ijk >= 0) & (ijk < torch.tensor(grid.shape, device=ijk.device))).all()):  # points off the grid
+        return within_radius(points_mm, pts.reshape(-1, 3), radius_mm).reshape(grid.shape)
+    occupied = np.ones(grid.shape, dtype=bool)  # False at the voxels holding a point (the transform's zeros)
+    occupied[tuple(ijk.cpu().numpy().T)] = False
+    dist = torch.from_numpy(ndimage.distance_transform_edt(occupied, sampling=grid.spacing_mm)).to(points_mm.device)
+    slack = grid.spacing_mm * (math.sqrt(3) / 2 + 1e-6)
+    out = dist <= radius_mm - slack
+    shell = (dist <= radius_mm + slack) & ~out
+    out[shell] = within_radius(points_mm, pts[shell], radius_mm)
+    return out
 
 
 @torch.no_grad()
