@@ -44,7 +44,7 @@ def test_acquisition_matrix_is_the_operator_and_its_transpose_the_adjoint(orders
     v = torch.randn(grid.shape, generator=gen, dtype=torch.float64)
     u = torch.randn(len(x), generator=gen, dtype=torch.float64)
     a, a_t = acquisition_matrices(grid, x, off, w, chunk=256)
-    assert a.shape == (700, 21 * 25 * 17) and a.col_indices().dtype == torch.int32
+    assert a.shape == (700, 21 * 25 * 17) and a.col_indices().dtype == a_t.col_indices().dtype == torch.int32
     for m in (a, a_t):  # torch's CSR invariants (rows' columns sorted and distinct), which the products assume
         torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape, check_invariants=True)
     torch.testing.assert_close(torch.mv(a, v.reshape(-1)), acquire(v, grid, x, off, w), rtol=1e-10, atol=1e-12)
@@ -76,3 +76,19 @@ def test_grid_normalised_coordinates_hit_voxel_centres():
     off = torch.zeros(len(pts), 1, 3, dtype=torch.float64)
     torch.testing.assert_close(acquire(vol, grid, pts, off, w), vol.reshape(-1))
     assert math.isclose(grid.affine(torch.zeros(3).numpy())[0, 3], 1.0)
+
+
+def test_acquisition_matrix_in_float32_and_of_no_pixels():
+    gen = torch.Generator().manual_seed(4)
+    grid = VoxelGrid((-10.0, -12.0, -8.0), 0.8, (26, 31, 21))
+    x, axes, sigma = _random_slices(300, grid, gen)
+    nodes, w = psf_nodes(5, 1)
+    off = psf_offsets(axes.float(), sigma.float(), nodes)[torch.zeros(len(x), dtype=torch.long)]
+    v = torch.randn(grid.shape, generator=gen)
+    a, _ = acquisition_matrices(grid, x.float(), off, w)
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(torch.mv(a, v.reshape(-1)), acquire(v, grid, x.float(), off, w), rtol=1e-5, atol=1e-5)
+    a, a_t = acquisition_matrices(grid, x[:0].float(), off[:0], w)
+    assert a.shape == (0, 26 * 31 * 21) and torch.mv(a_t, torch.zeros(0)).abs().sum() == 0
+    with pytest.raises(ValueError, match="2 voxels"):
+        acquisition_matrices(VoxelGrid((0.0, 0.0, 0.0), 1.0, (5, 1, 5)), x.float(), off, w)

@@ -107,17 +107,20 @@ def acquire(volume: Tensor, grid: VoxelGrid, x: Tensor, offsets: Tensor, weights
 def acquisition_matrices(grid: VoxelGrid, x: Tensor, offsets: Tensor, weights: Tensor, *, chunk: int = 65_536
                          ) -> tuple[Tensor, Tensor]:
     """The matrix of :func:`acquire` for fixed positions and its transpose (that of :func:`acquire_adjoint`), both sparse
-    CSR with int32 indices where the grid allows: [P, I*J*K], row p holding each of the pixel's PSF nodes' 8 trilinear
-    weights times the node's quadrature weight, summed per voxel (corners off the grid dropped: ``grid_sample`` reads
-    zeros there). So ``acquire(volume, ...) == matrix @ volume.reshape(-1)`` up to rounding.
+    CSR with int32 indices where the grid and the entry count allow: [P, I*J*K] of ``x.dtype``, row p holding each of
+    the pixel's PSF nodes' 8 trilinear weights times the node's quadrature weight, summed per voxel (corners off the
+    grid dropped: ``grid_sample`` reads zeros there). So ``acquire(volume, ...) == matrix @ volume.reshape(-1)`` up to
+    rounding, on grids of at least 2 voxels along each axis (``grid_sample`` reads a single voxel at full weight).
 
     Args:
         x: [P, 3] pixel centres (mm); offsets: [P, S, 3] PSF node offsets (mm); weights: [S] quadrature weights.
         chunk: pixels per step of the construction (bounds its temporaries).
     """
+    if min(grid.shape) < 2:
+        raise ValueError(f"acquisition_matrices: the grid needs 2 voxels along each axis, got {grid.shape}")
     shape = torch.tensor(grid.shape, device=x.device)
     n_vox = math.prod(grid.shape)
-    index = torch.int32 if n_vox < 2**31 else torch.int64
+    index = torch.int32 if max(n_vox, len(x) * offsets.shape[1] * 8) < 2**31 else torch.int64
     corner = torch.tensor(grid.corner_mm, device=x.device, dtype=x.dtype)
     corners = torch.tensor([(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)], device=x.device)  # [8, 3]
     cols, vals, counts = [], [], []
@@ -141,10 +144,13 @@ def acquisition_matrices(grid: VoxelGrid, x: Tensor, offsets: Tensor, weights: T
         cols.append(lin[keep].to(index))
         vals.append(summed[keep[first]])
         counts.append(keep.sum(1))
-    crow = torch.cat([torch.zeros(1, dtype=torch.int64, device=x.device), torch.cat(counts).cumsum(0)]).to(index)
+    counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64, device=x.device)  # none: no pixels
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(index)
+    cols = torch.cat(cols) if cols else torch.zeros(0, dtype=index, device=x.device)
+    vals = torch.cat(vals) if vals else x.new_zeros(0)
     with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"; matrix-vector products are all we use
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        a = torch.sparse_csr_tensor(crow, torch.cat(cols), torch.cat(vals), (len(x), n_vox), 
+        a = torch.sparse_csr_tensor(crow, cols, vals, (len(x), n_vox), 
                                     check_invariants=False)  # valid by construction (tests/ops/test_voxel.py)
         return a, a.t().to_sparse_csr()
 

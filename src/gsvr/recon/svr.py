@@ -114,12 +114,15 @@ def super_resolve(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, gr
     """Weighted Tikhonov least squares by conjugate gradients: (A^T W A + lam G^T G) v = A^T W y.
 
     A includes each slice's intensity scale. ``pixel_weight`` [P] is W (slice weight x pixel weight);
-    ``pixels`` (indices) restricts the data term to a subset of the pixels. ``operator``: A for those pixels, motion
-    and grid, built by the caller (to share it between solves); built here when None.
+    ``pixels`` (indices) restricts the data term to a subset of the pixels. ``operator``: A for those pixels, this
+    motion and this grid, built by the caller (to share it between solves at the same motion); built here when None.
     """
     if pixels is None:
         pixels = torch.arange(data.n_pixels, device=data.x0.device)
-    op = operator or SliceOperator(data, motion, grid, s, pixels, matrix=True)
+    op = SliceOperator(data, motion, grid, s, pixels, matrix=True) if operator is None else operator
+    if len(op.x) != len(pixels) or op.grid != grid:
+        raise ValueError(f"super_resolve: the operator is for {len(op.x)} pixels on {op.grid}, the solve for "
+                         f"{len(pixels)} on {grid}")
     scale = torch.exp(motion.log_scale.detach())[op.sid]
     pixel_weight = pixel_weight[pixels]
     w = pixel_weight * scale.square()
@@ -392,8 +395,8 @@ def support_mask(grid: VoxelGrid, points_mm: Tensor, radius_mm: float) -> Tensor
         return within_radius(points_mm, pts.reshape(-1, 3), radius_mm).reshape(grid.shape)
     occupied = np.ones(grid.shape, dtype=bool)  # False at the voxels holding a point (the transform's zeros)
     occupied[tuple(ijk.cpu().numpy().T)] = False
-    dist = torch.from_numpy(ndimage.distance_transform_edt(occupied, sampling=grid.spacing_mm)).to(points_mm.device)
-    slack = grid.spacing_mm * (math.sqrt(3) / 2 + 1e-6)
+    dist = torch.from_numpy(ndimage.distance_transform_edt(occupied, sampling=grid.spacing_mm)).float().to(points_mm.device)
+    slack = grid.spacing_mm * math.sqrt(3) / 2 + 1e-4  # (+ 0.1 um: float32 rounding of the coordinates)
     out = dist <= radius_mm - slack
     shell = (dist <= radius_mm + slack) & ~out
     out[shell] = within_radius(points_mm, pts[shell], radius_mm)
