@@ -150,8 +150,8 @@ def acquisition_matrices(grid: VoxelGrid, x: Tensor, offsets: Tensor, weights: T
     vals = torch.cat(vals) if vals else x.new_zeros(0)
     with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"; matrix-vector products are all we use
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        a = torch.sparse_csr_tensor(crow, cols, vals, (len(x), n_vox), 
-                                    check_invariants=False)  # valid by construction (tests/ops/test_voxel.py)
+        # valid by construction (its invariants are checked in tests/ops/test_voxel.py)
+        a = torch.sparse_csr_tensor(crow, cols, vals, (len(x), n_vox), check_invariants=False)
         return a, a.t().to_sparse_csr()
 
 
