@@ -47,6 +47,7 @@ def test_acquisition_matrix_is_the_operator_and_its_transpose_the_adjoint(orders
     assert a.shape == (700, 21 * 25 * 17) and a.col_indices().dtype == a_t.col_indices().dtype == torch.int32
     for m in (a, a_t):  # torch's CSR invariants (rows' columns sorted and distinct), which the products assume
         torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape, check_invariants=True)
+    assert torch.equal(a_t.to_dense(), a.to_dense().T)
     torch.testing.assert_close(torch.mv(a, v.reshape(-1)), acquire(v, grid, x, off, w), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.mv(a_t, u).reshape(grid.shape), acquire_adjoint(u, grid, x, off, w),
                                rtol=1e-10, atol=1e-12)
