@@ -152,8 +152,8 @@ def acquisition_matrices(grid: VoxelGrid, x: Tensor, offsets: Tensor, weights: T
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         # valid by construction (its invariants are checked in tests/ops/test_voxel.py)
         a = torch.sparse_csr_tensor(crow, cols, vals, (len(x), n_vox), check_invariants=False)
-        # The transpose: entries ordered by voxel, a voxel's rows kept ascending by a stable sort (2.5x faster than
-        # torch's CSC-to-CSR conversion here, the same matrix).
+        # The transpose: entries ordered by voxel, a voxel's rows kept ascending by a stable sort (the same matrix as
+        # torch's CSC-to-CSR conversion, faster: docs/results.md section 22).
         order = torch.argsort(cols, stable=True)
         rows = torch.repeat_interleave(torch.arange(len(x), device=x.device, dtype=index), (crow[1:] - crow[:-1]).long())
         crow_t = torch.searchsorted(cols[order], torch.arange(n_vox + 1, device=x.device, dtype=index)).to(index)

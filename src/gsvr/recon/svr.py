@@ -387,15 +387,15 @@ def support_mask(grid: VoxelGrid, points_mm: Tensor, radius_mm: float) -> Tensor
     Every point lies within s = h sqrt(3) / 2 of the centre of the voxel it rounds to, so a voxel whose distance
     (Euclidean distance transform) to the nearest such voxel is at most radius - s is within the radius, and one
     farther than radius + s is not: only the shell between is decided by a nearest-neighbour query."""
-    pts = grid.points(points_mm.device)
     if len(points_mm) == 0:
         return torch.zeros(grid.shape, dtype=torch.bool, device=points_mm.device)
+    pts = grid.points(points_mm.device)
     ijk = torch.round((points_mm - torch.tensor(grid.corner_mm, device=points_mm.device)) / grid.spacing_mm).long()
     if not bool(((ijk >= 0) & (ijk < torch.tensor(grid.shape, device=ijk.device))).all()):  # points off the grid
         return within_radius(points_mm, pts.reshape(-1, 3), radius_mm).reshape(grid.shape)
-    occupied = np.ones(grid.shape, dtype=bool)  # False at the voxels holding a point (the transform's zeros)
-    occupied[tuple(ijk.cpu().numpy().T)] = False
-    dist = torch.from_numpy(ndimage.distance_transform_edt(occupied, sampling=grid.spacing_mm)).float().to(points_mm.device)
+    empty = np.ones(grid.shape, dtype=bool)  # False at the voxels holding a point (the transform's zeros)
+    empty[tuple(ijk.cpu().numpy().T)] = False
+    dist = torch.from_numpy(ndimage.distance_transform_edt(empty, sampling=grid.spacing_mm)).float().to(points_mm.device)
     slack = grid.spacing_mm * math.sqrt(3) / 2 + 1e-4  # (+ 0.1 um: float32 rounding of the coordinates)
     out = dist <= radius_mm - slack
     shell = (dist <= radius_mm + slack) & ~out
