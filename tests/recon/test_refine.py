@@ -1,4 +1,5 @@
-"""The refinement through the PSF quadrature: its held-out split, its stopping rule, and the stage end to end."""
+"""The refinement on the slices: its two renders (through the output grid, at the PSF nodes), its held-out split, its
+stopping rule, and the stage end to end."""
 
 import numpy as np
 import pytest
@@ -8,9 +9,12 @@ from gsvr.evaluate import evaluate_volume
 from gsvr.model.field import GaussianField
 from gsvr.recon.config import ModelConfig, RefineConfig, SvrSettings
 from gsvr.recon.engine import reconstruct
-from gsvr.recon.refine import PsfQuadrature, holdout_slices, refine_field
+from gsvr.ops.gaussians import gaussian_sum
+from gsvr.ops.knn import knn
+from gsvr.ops.voxel import VoxelGrid
+from gsvr.recon.refine import GridQuadrature, PsfQuadrature, VoxelNeighbours, holdout_slices, refine_field
 from gsvr.recon.slices import SliceMotion, build_slice_data
-from gsvr.recon.svr import SliceOperator, output_super_resolution
+from gsvr.recon.svr import SliceOperator, output_super_resolution, support_mask
 from gsvr.recon.config import ReconConfig
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 from helpers import stacks_from_simulation
@@ -60,41 +64,110 @@ def test_the_quadrature_predicts_the_slices_as_the_voxel_operator_samples_the_sa
     assert q.error(field, MODEL) == pytest.approx(err, rel=1e-4)
 
 
+def _grid(data, spacing_mm=2.4, radius_mm=6.0):
+    """The output grid of the slices at their (identity) motion and its support, as the refine stage takes them."""
+    grid = VoxelGrid.covering(data.x0, spacing_mm, radius_mm)
+    return grid, support_mask(grid, data.x0, radius_mm)
+
+
+def test_the_grid_quadrature_predicts_the_slices_from_the_field_sampled_on_the_output_grid(case):
+    """Its contract, against an independent computation: the field sampled at every voxel of the support (zero beyond
+    it), acquired by the voxel operator's interpolation (not its matrix), times the slice scales; the weighted error
+    over chosen rows, and that error's gradient in every parameter of the field."""
+    data, _, s, field = case
+    field = GaussianField.from_state(field.state())
+    motion = SliceMotion(data.n_slices, "cpu")
+    with torch.no_grad():
+        motion.log_scale.copy_(torch.linspace(-0.1, 0.1, data.n_slices))
+    pixels = torch.arange(0, data.n_pixels, 5)
+    weight = torch.rand(data.n_pixels, generator=torch.Generator().manual_seed(1)) + 0.5
+    rows = torch.arange(0, len(pixels), 3)
+    grid, covered = _grid(data)
+    q = GridQuadrature(data, motion, s, pixels, weight, VoxelNeighbours(grid, covered), owns=True)
+    q.refresh(field, MODEL.k_neighbors, "kdtree")
+    assert len(q.voxels.index) < int(covered.sum())  # only the voxels the pixels see are evaluated
+
+    volume = torch.zeros(grid.shape)
+    pts = grid.points()[covered]
+    nbr = knn(field.means.detach(), pts, MODEL.k_neighbors, backend="kdtree")
+    volume[covered] = gaussian_sum(pts, nbr, field.tables(), mode=MODEL.render_mode, delta=MODEL.delta)
+    pred = torch.exp(motion.log_scale)[data.slice_idx[pixels]] * SliceOperator(data, motion, grid, s, pixels).forward(volume)
+    w, res = weight[pixels][rows], (pred - data.y[pixels])[rows]
+    loss = (w * res.square()).sum() / w.sum()
+    loss.backward()
+    expected = float(loss.detach())
+    want = [p.grad.clone() for p in field.parameters()]
+    field.zero_grad(set_to_none=True)
+
+    assert q.error(field, MODEL, rows) == pytest.approx(expected, rel=1e-4)
+    assert all(p.grad is None for p in field.parameters())  # no gradient without backward
+    assert q.error(field, MODEL, rows, backward=True) == pytest.approx(expected, rel=1e-4)
+    for got, ref in zip((p.grad for p in field.parameters()), want):
+        assert torch.allclose(got, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max())), float((got - ref).abs().max())
+
+
+def test_quadratures_that_share_voxels_rebuild_their_neighbours_only_where_they_own_them(case):
+    data, motion, s, field = case
+    grid, covered = _grid(data)
+    voxels = VoxelNeighbours(grid, covered)
+    train, test = _split(data)
+    ones = torch.ones(data.n_pixels)
+    owner = GridQuadrature(data, motion, s, train, ones, voxels, owns=True)
+    other = GridQuadrature(data, motion, s, test, ones, voxels, owns=False)
+    other.refresh(field, MODEL.k_neighbors, "kdtree")  # missing: built
+    first = voxels.nbr
+    other.refresh(field, MODEL.k_neighbors, "kdtree")
+    assert voxels.nbr is first
+    owner.refresh(field, MODEL.k_neighbors, "kdtree")
+    assert voxels.nbr is not first and torch.equal(voxels.nbr, first)
+    with pytest.raises(RuntimeError, match="after the voxels were fixed"):
+        GridQuadrature(data, motion, s, test, ones, voxels, owns=False)
+
+
 def _split(data, fraction=0.2):
     held = holdout_slices(data.n_slices, fraction)[data.slice_idx]
     return torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]
 
 
-def test_refinement_stops_at_once_where_every_step_overfits(case):
+def _quadratures(kind, data, motion, s, train, test, weight):
+    """Training and held-out quadratures of either render (through the grid they share the voxels, as in the stage)."""
+    if kind == "nodes":
+        return PsfQuadrature(data, motion, s, train, weight), PsfQuadrature(data, motion, s, test, weight)
+    voxels = VoxelNeighbours(*_grid(data))
+    return (GridQuadrature(data, motion, s, train, weight, voxels, owns=True),
+            GridQuadrature(data, motion, s, test, weight, voxels, owns=False))
+
+
+@pytest.mark.parametrize("kind", ["grid", "nodes"])
+def test_refinement_stops_at_once_where_every_step_overfits(case, kind):
     """Forced overfitting: the training pixels are noise, the held-out ones the slices. The held-out error is
     smallest before the first step, so the split stops after ``patience`` worse evaluations and keeps 0 steps."""
     data, motion, s, field = case
     field = GaussianField.from_state(field.state())
     train, test = _split(data)
-    weight = torch.ones(data.n_pixels)
-    noisy = PsfQuadrature(data, motion, s, train, weight)
+    noisy, held = _quadratures(kind, data, motion, s, train, test, torch.ones(data.n_pixels))
     noisy.y = torch.rand(len(train), generator=torch.Generator().manual_seed(0)) * 2
     evaluations = []
     cfg = RefineConfig(max_steps=20, every=2, patience=2)
-    best = refine_field(field, noisy, cfg, MODEL, k=MODEL.k_neighbors, steps=cfg.max_steps,
-                        held=PsfQuadrature(data, motion, s, test, weight), on_held=lambda step, e: evaluations.append((step, e)))
+    best = refine_field(field, noisy, cfg, MODEL, k=MODEL.k_neighbors, steps=cfg.max_steps, held=held,
+                        on_held=lambda step, e: evaluations.append((step, e)))
     assert best == 0
     assert [step for step, _ in evaluations] == [0, 2, 4]  # two evaluations without a new minimum, then stop
     assert evaluations[1][1] > evaluations[0][1] and evaluations[2][1] > evaluations[0][1]
 
 
-def test_refinement_runs_on_while_the_held_out_error_falls(case):
+@pytest.mark.parametrize("kind", ["grid", "nodes"])
+def test_refinement_runs_on_while_the_held_out_error_falls(case, kind):
     """A field with its intensities halved: the steps on the training slices mend the held-out ones too."""
     data, motion, s, field = case
     field = GaussianField.from_state(field.state())
     with torch.no_grad():
         field.values.mul_(0.5)
     train, test = _split(data)
-    weight = torch.ones(data.n_pixels)
+    fit, held = _quadratures(kind, data, motion, s, train, test, torch.ones(data.n_pixels))
     evaluations = []
     cfg = RefineConfig(max_steps=8, every=2, patience=2)
-    best = refine_field(field, PsfQuadrature(data, motion, s, train, weight), cfg, MODEL, k=MODEL.k_neighbors,
-                        steps=cfg.max_steps, held=PsfQuadrature(data, motion, s, test, weight),
+    best = refine_field(field, fit, cfg, MODEL, k=MODEL.k_neighbors, steps=cfg.max_steps, held=held,
                         on_held=lambda step, e: evaluations.append(e))
     assert best == 8
     assert all(b < a for a, b in zip(evaluations, evaluations[1:]))

@@ -208,8 +208,9 @@ class FitConfig:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """Refinement of the fitted Gaussians on the slices, through the field sampled at the voxel operator's PSF nodes
-    (slice motion, weights and scales frozen; weighted squared error; Adam). Its length is chosen on held-out slices:
+    """Refinement of the fitted Gaussians on the slices, through the voxel operator's PSF quadrature of the field
+    (sampled on the output grid, or at each pixel's PSF nodes: ``sampling``; slice motion, weights and scales frozen;
+    weighted squared error; Adam). Its length is chosen on held-out slices:
     a second field, fitted to the output-grid super-resolution of the other slices, is refined on them until its
     error on the held-out slices stops falling; the field of all slices is then refined for the step count at that
     split's smallest held-out error (0: not refined). See :mod:`gsvr.recon.refine`."""
@@ -218,13 +219,19 @@ class RefineConfig:
     every: int = 2  #: steps between two held-out evaluations of the split
     patience: int = 2  #: evaluations without a new held-out minimum before the split stops
     holdout_fraction: float = 0.1  #: fraction of the slices held out (at least one), chosen by a hash of their index
-    pixel_fraction: float = 0.5  #: fraction of the pixels each step fits, drawn afresh every step (1: all)
+    #: fraction of the pixels each step fits, drawn afresh every step (1: all; through the grid all cost no more than
+    #: a half, and the steps are less noisy: docs/results.md section 23)
+    pixel_fraction: float = 1.0
+    #: where the field meets the slices: "grid" (sampled on the output grid, then the voxel operator's sparse matrix:
+    #: one evaluation per voxel) or "nodes" (sampled at every pixel's PSF nodes); see :mod:`gsvr.recon.refine`
+    sampling: str = "grid"
     lr: FieldRates = field(default_factory=FieldRates)
 
     def __post_init__(self) -> None:
         _positive(self, "refine", "max_steps", "every", "patience")
         _check(0 < self.holdout_fraction < 1, "refine.holdout_fraction", f"must be in (0, 1), got {self.holdout_fraction}")
         _check(0 < self.pixel_fraction <= 1, "refine.pixel_fraction", f"must be in (0, 1], got {self.pixel_fraction}")
+        _check(self.sampling in ("grid", "nodes"), "refine.sampling", f"must be 'grid' or 'nodes', got {self.sampling!r}")
         self.lr.check("refine")
 
 

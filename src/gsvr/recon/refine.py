@@ -1,16 +1,26 @@
-"""Refinement of a fitted Gaussian field on the slices, through the PSF quadrature, stopped on held-out slices.
+"""Refinement of a fitted Gaussian field on the slices, through the voxel operator's PSF quadrature, stopped on held-out
+slices.
 
-The field predicts a pixel the way the voxel super-resolution does: sampled (each point's K nearest Gaussians, as the
-output volume is sampled) at the Gauss-Hermite nodes of the slice PSF around the pixel
-(:func:`gsvr.recon.svr.psf_quadrature`), weighted, times the slice's intensity scale. This render predicts slices it
-has not seen as well as the voxel volume does, where the PSF-blurred Gaussians of the joint stage predict them worse
-(docs/results.md section 19): refining through it moves the field towards what the slices agree on instead of towards
-the render's own error. How far is chosen from the data: :func:`refine_field` with held-out slices stops where their
-error is smallest.
+The field predicts a pixel the way the voxel super-resolution does, times the slice's intensity scale, by one of two
+renders (``refine.sampling``):
+
+- ``grid`` (:class:`GridQuadrature`, the default): the field sampled on the output grid (each voxel's K nearest
+  Gaussians, zero beyond the support), then the voxel super-resolution's own acquisition matrix (the Gauss-Hermite
+  nodes of the slice PSF, trilinear interpolation). What is refined is the volume that is output, seen by the slices
+  exactly as the voxel solve sees its volume, and the field is evaluated once per voxel instead of once per pixel and
+  PSF node.
+- ``nodes`` (:class:`PsfQuadrature`): the field sampled at the PSF nodes around each pixel
+  (:func:`gsvr.recon.svr.psf_quadrature`) and weighted.
+
+Either predicts slices it has not seen as well as the voxel volume does, where the PSF-blurred Gaussians of the joint
+stage predict them worse (docs/results.md section 19): refining through it moves the field towards what the slices
+agree on instead of towards the render's own error. How far is chosen from the data: :func:`refine_field` with
+held-out slices stops where their error is smallest. Measured: docs/results.md section 23.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -22,7 +32,8 @@ from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables
 from gsvr.ops.knn import knn
 from gsvr.recon.config import ModelConfig, RefineConfig, SvrSettings
 from gsvr.recon.slices import SliceData, SliceMotion
-from gsvr.recon.svr import psf_quadrature, step_sample
+from gsvr.ops.voxel import VoxelGrid
+from gsvr.recon.svr import SliceOperator, psf_quadrature, step_sample
 
 
 def holdout_slices(n_slices: int, fraction: float) -> Tensor:
@@ -90,8 +101,107 @@ class PsfQuadrature:
         return value
 
 
-def refine_field(field: GaussianField, train: PsfQuadrature, cfg: RefineConfig, model: ModelConfig, *, k: int, steps: int,
-                 held: PsfQuadrature | None = None, on_step: Callable[[int, float], None] | None = None,
+class VoxelNeighbours:
+    """The voxels where :class:`GridQuadrature` evaluates the field, and each one's K nearest Gaussians (int32), shared
+    by the quadratures of one field (a split's training and held-out pixels). The voxels are those of the ``covered``
+    [I, J, K] support (the output volume is zero beyond it) that some quadrature's pixels see (:meth:`see`): the
+    field elsewhere changes no prediction."""
+
+    def __init__(self, grid: VoxelGrid, covered: Tensor) -> None:
+        self.grid, self.covered = grid, covered.reshape(-1)
+        self.seen = torch.zeros_like(self.covered)
+        self.index: Tensor | None = None  # flat grid indices of the voxels evaluated, fixed by the first refresh
+        self.points: Tensor | None = None  # [V, 3] their centres (mm)
+        self.nbr: Tensor | None = None  # [V, K] int32
+
+    def see(self, voxels: Tensor) -> None:
+        """Add the flat grid indices ``voxels`` to those evaluated (before the first :meth:`refresh`)."""
+        if self.index is not None:
+            raise RuntimeError("VoxelNeighbours.see after the voxels were fixed by refresh")
+        self.seen[voxels] = True
+
+    def refresh(self, field: GaussianField, k: int, backend: str, chunk: int = 262_144) -> None:
+        """Find each voxel's ``k`` nearest Gaussians of ``field`` (the first call fixes the voxels)."""
+        if self.index is None:
+            self.index = torch.nonzero(self.seen & self.covered)[:, 0]
+            self.points = self.grid.points(self.covered.device).reshape(-1, 3)[self.index]
+        means = field.means.detach()
+        self.nbr = torch.cat([knn(means, self.points[i : i + chunk], k, backend=backend).to(torch.int32)
+                              for i in range(0, len(self.points), chunk)])
+
+    def values(self, field: GaussianField, model: ModelConfig) -> Tensor:
+        """The field at the voxels [V] (no gradient)."""
+        with torch.no_grad():
+            packed = pack_tables(field.tables())
+            return torch.cat([gaussian_sum_packed(self.points[c], self.nbr[c].long(), packed, mode=model.render_mode,
+                                                  delta=model.delta) for c in self._chunks(model)])
+
+    def backward(self, field: GaussianField, model: ModelConfig, grad: Tensor) -> None:
+        """Accumulate into the field's parameters the gradient of a loss whose gradient in the voxel values is ``grad``
+        [V]; each chunk is evaluated again with autograd, so no graph of all voxels is held."""
+        packed = pack_tables(field.tables())
+        leaf = packed.detach().requires_grad_(True)
+        for c in self._chunks(model):
+            v = gaussian_sum_packed(self.points[c], self.nbr[c].long(), leaf, mode=model.render_mode, delta=model.delta)
+            (v * grad[c]).sum().backward()
+        packed.backward(leaf.grad)
+
+    def _chunks(self, model: ModelConfig):
+        size = 4 * model.chunk_pixels  # points: a pixel chunk of the PSF-node render has 5 of them per pixel
+        return (slice(start, start + size) for start in range(0, len(self.points), size))
+
+
+class GridQuadrature:
+    """The weighted squared error of chosen slice pixels predicted from the field sampled on the output grid.
+
+    Pixel i is predicted as s_i (A V)_i: V the field at the grid's covered voxels (zero elsewhere, as the output volume
+    is), A the voxel super-resolution's acquisition matrix (its PSF quadrature and trilinear interpolation,
+    :func:`gsvr.ops.voxel.acquisition_matrices`), s_i the slice's intensity scale. What is refined is thus the volume
+    that is output, seen by the slices as the voxel solve sees its own. The field is evaluated once per voxel, not per
+    pixel and PSF node; the neighbour table is ``voxels``' (shared): only a quadrature that ``owns`` it rebuilds it on
+    :meth:`refresh`, the others build it when it is missing."""
+
+    def __init__(self, data: SliceData, motion: SliceMotion, s: SvrSettings, pixels: Tensor, pixel_weight: Tensor,
+                 voxels: VoxelNeighbours, *, owns: bool, psf: bool = True) -> None:
+        if not psf:  # each pixel samples the volume at its centre (the "no PSF" ablation, model.psf)
+            s = dataclasses.replace(s, psf_normal=1, psf_inplane=1)
+        self.op = SliceOperator(data, motion, voxels.grid, s, pixels, matrix=True)
+        self.scale = torch.exp(motion.log_scale.detach())[self.op.sid]
+        self.y = data.y[pixels]
+        self.w = pixel_weight[pixels]
+        self.voxels, self.owns = voxels, owns
+        voxels.see(self.op.a.col_indices().long())
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    def refresh(self, field: GaussianField, k: int, backend: str) -> None:
+        if self.owns or self.voxels.nbr is None:
+            self.voxels.refresh(field, k, backend)
+
+    def error(self, field: GaussianField, model: ModelConfig, rows: Tensor | None = None, *, backward: bool = False) -> float:
+        """As :meth:`PsfQuadrature.error`."""
+        vox = self.voxels
+        with torch.no_grad():
+            volume = torch.zeros(vox.grid.shape, device=self.y.device).reshape(-1)
+            volume[vox.index] = vox.values(field, model)
+            res = self.scale * self.op.forward(volume) - self.y
+            w = self.w
+            if rows is not None:
+                w = torch.zeros_like(w).index_copy_(0, rows, w[rows])
+            total = w.sum().clamp_min(1e-12)
+            value = float((w * res.square()).sum() / total)
+        if backward:
+            with torch.no_grad():
+                grad = self.op.adjoint(2.0 * w * res * self.scale / total).reshape(-1)[vox.index]
+            vox.backward(field, model, grad)
+        return value
+
+
+def refine_field(field: GaussianField, train: PsfQuadrature | GridQuadrature, cfg: RefineConfig, model: ModelConfig, *,
+                 k: int, steps: int, held: PsfQuadrature | GridQuadrature | None = None,
+                 on_step: Callable[[int, float], None] | None = None,
                  on_held: Callable[[int, float], None] | None = None) -> int:
     """Adam steps (``cfg.lr``) on all of ``field``'s parameters against ``train``'s error, at most ``steps`` of them.
 

@@ -1,5 +1,5 @@
-"""Stage refine: the fitted Gaussians refined on the slices through the PSF quadrature (:mod:`gsvr.recon.refine`),
-for as many steps as held-out slices say pay off.
+"""Stage refine: the fitted Gaussians refined on the slices through the voxel operator's PSF quadrature, by default on
+the output grid (:mod:`gsvr.recon.refine`), for as many steps as held-out slices say pay off.
 
 A hashed ``refine.holdout_fraction`` of the slices is held out; a second field is initialised and fitted, as the init
 and fit stages do, to the output-grid super-resolution of the other slices, then refined on them until its error on
@@ -14,11 +14,12 @@ import logging
 import torch
 
 from gsvr.recon.config import RefineConfig
-from gsvr.recon.refine import PsfQuadrature, holdout_slices, refine_field
+from gsvr.recon.forward import current_positions
+from gsvr.recon.refine import GridQuadrature, PsfQuadrature, VoxelNeighbours, holdout_slices, refine_field
 from gsvr.recon.stages.fit import fit_to_volume
 from gsvr.recon.stages.init import field_from_volume
 from gsvr.recon.state import ReconState, log_peak_memory, support_radius
-from gsvr.recon.svr import output_super_resolution
+from gsvr.recon.svr import output_super_resolution, support_mask
 
 NAME = "refine"
 log = logging.getLogger(__name__)
@@ -65,12 +66,17 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
         state.record("refine_holdout", error)
         bar.set_postfix_str(f"refine: split step {step}, held-out error {error:.3e}")
 
-    steps = refine_field(split, quadrature(state, torch.nonzero(~held)[:, 0], pixel_weight), cfg, full.model, k=state.k,
-                         steps=cfg.max_steps, held=quadrature(state, torch.nonzero(held)[:, 0], pixel_weight),
-                         on_step=split_step, on_held=held_out)
+    voxels = VoxelNeighbours(target.grid, support_mask(target.grid, current_positions(data, state.motion),
+                                                       support_radius(state.stacks))) if cfg.sampling == "grid" else None
+    steps = refine_field(split, quadrature(state, torch.nonzero(~held)[:, 0], pixel_weight, voxels), cfg, full.model,
+                         k=state.k, steps=cfg.max_steps, on_step=split_step, on_held=held_out,
+                         held=quadrature(state, torch.nonzero(held)[:, 0], pixel_weight, voxels, owns=False))
     del split, target
     log.info("refine: %d of %d slices held out; their error is smallest after %d steps of %d run",
              int(held_slices.sum()), data.n_slices, steps, done[0])
+    if voxels is not None:
+        log.info("refine: the field evaluated at %d voxels of the output grid (%d in the support)", len(voxels.index),
+                 int(voxels.covered.sum()))
     settle_bar(state, cfg, split_steps=done[0], steps=steps)
 
     def step_done(step: int, loss: float) -> None:
@@ -78,15 +84,23 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
         bar.update(1)
         bar.set_postfix_str(f"refine {step}/{steps}, slice error {loss:.3e}")
 
-    refine_field(state.field, quadrature(state, torch.arange(data.n_pixels, device=pixel_weight.device), pixel_weight), cfg,
-                 full.model, k=state.k, steps=steps, on_step=step_done)
+    if voxels is not None:  # the same support; the voxels all pixels see
+        voxels = VoxelNeighbours(voxels.grid, voxels.covered.reshape(voxels.grid.shape))
+    refine_field(state.field, quadrature(state, torch.arange(data.n_pixels, device=pixel_weight.device), pixel_weight,
+                                         voxels), cfg, full.model, k=state.k, steps=steps, on_step=step_done)
     state.save(NAME, steps, field=state.field.state())
     log_peak_memory("the refinement on the slices")
     return state
 
 
-def quadrature(state: ReconState, pixels: torch.Tensor, pixel_weight: torch.Tensor) -> PsfQuadrature:
-    return PsfQuadrature(state.data, state.motion, state.cfg.svr, pixels, pixel_weight, psf=state.cfg.model.psf)
+def quadrature(state: ReconState, pixels: torch.Tensor, pixel_weight: torch.Tensor, voxels: VoxelNeighbours | None, *,
+               owns: bool = True) -> PsfQuadrature | GridQuadrature:
+    """The error of ``pixels``' prediction: through the output grid's ``voxels`` (``refine.sampling: grid``; a quadrature
+    that does not ``own`` them shares the neighbours another rebuilds) or at the PSF nodes (``voxels`` None)."""
+    if voxels is None:
+        return PsfQuadrature(state.data, state.motion, state.cfg.svr, pixels, pixel_weight, psf=state.cfg.model.psf)
+    return GridQuadrature(state.data, state.motion, state.cfg.svr, pixels, pixel_weight, voxels, owns=owns,
+                          psf=state.cfg.model.psf)
 
 
 def settle_bar(state: ReconState, cfg: RefineConfig, *, split_steps: int, steps: int) -> None:
