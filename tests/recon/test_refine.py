@@ -1,6 +1,8 @@
 """The refinement on the slices: its two renders (through the output grid, at the PSF nodes), its held-out split, its
 stopping rule, and the stage end to end."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -70,10 +72,11 @@ def _grid(data, spacing_mm=2.4, radius_mm=6.0):
     return grid, support_mask(grid, data.x0, radius_mm)
 
 
-def test_the_grid_quadrature_predicts_the_slices_from_the_field_sampled_on_the_output_grid(case):
+@pytest.mark.parametrize("psf", [True, False])
+def test_the_grid_quadrature_predicts_the_slices_from_the_field_sampled_on_the_output_grid(case, psf):
     """Its contract, against an independent computation: the field sampled at every voxel of the support (zero beyond
-    it), acquired by the voxel operator's interpolation (not its matrix), times the slice scales; the weighted error
-    over chosen rows, and that error's gradient in every parameter of the field."""
+    it), acquired by the voxel operator's interpolation (not its matrix; without the PSF, at the pixel centres), times
+    the slice scales; the weighted error over chosen rows, and that error's gradient in every parameter of the field."""
     data, _, s, field = case
     field = GaussianField.from_state(field.state())
     motion = SliceMotion(data.n_slices, "cpu")
@@ -83,7 +86,7 @@ def test_the_grid_quadrature_predicts_the_slices_from_the_field_sampled_on_the_o
     weight = torch.rand(data.n_pixels, generator=torch.Generator().manual_seed(1)) + 0.5
     rows = torch.arange(0, len(pixels), 3)
     grid, covered = _grid(data)
-    q = GridQuadrature(data, motion, s, pixels, weight, VoxelNeighbours(grid, covered), owns=True)
+    q = GridQuadrature(data, motion, s, pixels, weight, VoxelNeighbours(grid, covered), owns=True, psf=psf)
     q.refresh(field, MODEL.k_neighbors, "kdtree")
     assert len(q.voxels.index) < int(covered.sum())  # only the voxels the pixels see are evaluated
 
@@ -91,7 +94,8 @@ def test_the_grid_quadrature_predicts_the_slices_from_the_field_sampled_on_the_o
     pts = grid.points()[covered]
     nbr = knn(field.means.detach(), pts, MODEL.k_neighbors, backend="kdtree")
     volume[covered] = gaussian_sum(pts, nbr, field.tables(), mode=MODEL.render_mode, delta=MODEL.delta)
-    pred = torch.exp(motion.log_scale)[data.slice_idx[pixels]] * SliceOperator(data, motion, grid, s, pixels).forward(volume)
+    op = SliceOperator(data, motion, grid, s if psf else dataclasses.replace(s, psf_normal=1, psf_inplane=1), pixels)
+    pred = torch.exp(motion.log_scale)[data.slice_idx[pixels]] * op.forward(volume)
     w, res = weight[pixels][rows], (pred - data.y[pixels])[rows]
     loss = (w * res.square()).sum() / w.sum()
     loss.backward()
@@ -107,7 +111,10 @@ def test_the_grid_quadrature_predicts_the_slices_from_the_field_sampled_on_the_o
 
 
 def test_quadratures_that_share_voxels_rebuild_their_neighbours_only_where_they_own_them(case):
+    """The held-out quadrature builds the shared table only when it is missing; the training one rebuilds it when the
+    field's means have moved, not when they have not; a quadrature added after the voxels are fixed is refused."""
     data, motion, s, field = case
+    field = GaussianField.from_state(field.state())
     grid, covered = _grid(data)
     voxels = VoxelNeighbours(grid, covered)
     train, test = _split(data)
@@ -116,12 +123,18 @@ def test_quadratures_that_share_voxels_rebuild_their_neighbours_only_where_they_
     other = GridQuadrature(data, motion, s, test, ones, voxels, owns=False)
     other.refresh(field, MODEL.k_neighbors, "kdtree")  # missing: built
     first = voxels.nbr
-    other.refresh(field, MODEL.k_neighbors, "kdtree")
+    owner.refresh(field, MODEL.k_neighbors, "kdtree")  # the same means: kept
+    assert voxels.nbr is first
+    with torch.no_grad():
+        field.means.add_(torch.randn(field.means.shape, generator=torch.Generator().manual_seed(2)) * 2.0)
+    other.refresh(field, MODEL.k_neighbors, "kdtree")  # not its table to rebuild
     assert voxels.nbr is first
     owner.refresh(field, MODEL.k_neighbors, "kdtree")
-    assert voxels.nbr is not first and torch.equal(voxels.nbr, first)
+    assert voxels.nbr is not first and not torch.equal(voxels.nbr, first)
     with pytest.raises(RuntimeError, match="after the voxels were fixed"):
         GridQuadrature(data, motion, s, test, ones, voxels, owns=False)
+    with pytest.raises(ValueError, match="support of shape"):
+        VoxelNeighbours(grid, covered[:-1])
 
 
 def _split(data, fraction=0.2):

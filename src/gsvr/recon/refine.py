@@ -7,8 +7,7 @@ renders (``refine.sampling``):
 - ``grid`` (:class:`GridQuadrature`, the default): the field sampled on the output grid (each voxel's K nearest
   Gaussians, zero beyond the support), then the voxel super-resolution's own acquisition matrix (the Gauss-Hermite
   nodes of the slice PSF, trilinear interpolation). What is refined is the volume that is output, seen by the slices
-  exactly as the voxel solve sees its volume, and the field is evaluated once per voxel instead of once per pixel and
-  PSF node.
+  exactly as the voxel solve sees its volume, and the field is evaluated per voxel instead of per pixel and PSF node.
 - ``nodes`` (:class:`PsfQuadrature`): the field sampled at the PSF nodes around each pixel
   (:func:`gsvr.recon.svr.psf_quadrature`) and weighted.
 
@@ -108,26 +107,36 @@ class VoxelNeighbours:
     field elsewhere changes no prediction."""
 
     def __init__(self, grid: VoxelGrid, covered: Tensor) -> None:
+        if tuple(covered.shape) != tuple(grid.shape):
+            raise ValueError(f"VoxelNeighbours: a support of shape {tuple(covered.shape)} for a grid of {tuple(grid.shape)}")
         self.grid, self.covered = grid, covered.reshape(-1)
         self.seen = torch.zeros_like(self.covered)
         self.index: Tensor | None = None  # flat grid indices of the voxels evaluated, fixed by the first refresh
         self.points: Tensor | None = None  # [V, 3] their centres (mm)
         self.nbr: Tensor | None = None  # [V, K] int32
+        self._built_from: tuple | None = None  # the means (object, version) and K the table was built for
 
     def see(self, voxels: Tensor) -> None:
-        """Add the flat grid indices ``voxels`` to those evaluated (before the first :meth:`refresh`)."""
+        """Add the voxels ``voxels`` (bool, one per grid voxel) to those evaluated (before the first :meth:`refresh`)."""
         if self.index is not None:
             raise RuntimeError("VoxelNeighbours.see after the voxels were fixed by refresh")
-        self.seen[voxels] = True
+        self.seen |= voxels
 
     def refresh(self, field: GaussianField, k: int, backend: str, chunk: int = 262_144) -> None:
-        """Find each voxel's ``k`` nearest Gaussians of ``field`` (the first call fixes the voxels)."""
+        """Find each voxel's ``k`` nearest Gaussians of ``field`` (the first call fixes the voxels); nothing to do when
+        the table is already that of these means."""
         if self.index is None:
             self.index = torch.nonzero(self.seen & self.covered)[:, 0]
+            if not len(self.index):
+                raise ValueError("refine: no voxel of the output support is seen by the pixels")
             self.points = self.grid.points(self.covered.device).reshape(-1, 3)[self.index]
+        built_from = (id(field.means), field.means._version, k)
+        if self.nbr is not None and self._built_from == built_from:
+            return
         means = field.means.detach()
         self.nbr = torch.cat([knn(means, self.points[i : i + chunk], k, backend=backend).to(torch.int32)
                               for i in range(0, len(self.points), chunk)])
+        self._built_from = built_from
 
     def values(self, field: GaussianField, model: ModelConfig) -> Tensor:
         """The field at the voxels [V] (no gradient)."""
@@ -138,17 +147,24 @@ class VoxelNeighbours:
 
     def backward(self, field: GaussianField, model: ModelConfig, grad: Tensor) -> None:
         """Accumulate into the field's parameters the gradient of a loss whose gradient in the voxel values is ``grad``
-        [V]; each chunk is evaluated again with autograd, so no graph of all voxels is held."""
+        [V]; the voxels with a non-zero one are evaluated again with autograd, chunk by chunk, so no graph of all voxels
+        is held."""
+        active = torch.nonzero(grad)[:, 0]
+        if not len(active):
+            return
         packed = pack_tables(field.tables())
         leaf = packed.detach().requires_grad_(True)
-        for c in self._chunks(model):
-            v = gaussian_sum_packed(self.points[c], self.nbr[c].long(), leaf, mode=model.render_mode, delta=model.delta)
-            (v * grad[c]).sum().backward()
+        for c in self._chunks(model, len(active)):
+            v = active[c]
+            out = gaussian_sum_packed(self.points[v], self.nbr[v].long(), leaf, mode=model.render_mode, delta=model.delta)
+            (out * grad[v]).sum().backward()
         packed.backward(leaf.grad)
 
-    def _chunks(self, model: ModelConfig):
-        size = 4 * model.chunk_pixels  # points: a pixel chunk of the PSF-node render has 5 of them per pixel
-        return (slice(start, start + size) for start in range(0, len(self.points), size))
+    def _chunks(self, model: ModelConfig, n: int | None = None):
+        """Slices of ``n`` (all voxels) items, ``4 * model.chunk_pixels`` at a time (about the points of a pixel chunk
+        of the PSF-node render)."""
+        n, size = len(self.points) if n is None else n, 4 * model.chunk_pixels
+        return (slice(start, start + size) for start in range(0, n, size))
 
 
 class GridQuadrature:
@@ -156,10 +172,12 @@ class GridQuadrature:
 
     Pixel i is predicted as s_i (A V)_i: V the field at the grid's covered voxels (zero elsewhere, as the output volume
     is), A the voxel super-resolution's acquisition matrix (its PSF quadrature and trilinear interpolation,
-    :func:`gsvr.ops.voxel.acquisition_matrices`), s_i the slice's intensity scale. What is refined is thus the volume
-    that is output, seen by the slices as the voxel solve sees its own. The field is evaluated once per voxel, not per
-    pixel and PSF node; the neighbour table is ``voxels``' (shared): only a quadrature that ``owns`` it rebuilds it on
-    :meth:`refresh`, the others build it when it is missing."""
+    :func:`gsvr.ops.voxel.acquisition_matrices`), s_i the slice's intensity scale. What is refined is thus the output
+    grid's volume (the output samples the field there with ``output.k_neighbors``, ``model.k_neighbors`` by default),
+    seen by the slices as the voxel solve sees its own. The field is evaluated per voxel, not per pixel and PSF node;
+    the neighbour table is ``voxels``' (shared): only a quadrature that ``owns`` it rebuilds it on :meth:`refresh`
+    (keeping it between refreshes, as the PSF-node render does for its training pixels), the others build it when it is
+    missing."""
 
     def __init__(self, data: SliceData, motion: SliceMotion, s: SvrSettings, pixels: Tensor, pixel_weight: Tensor,
                  voxels: VoxelNeighbours, *, owns: bool, psf: bool = True) -> None:
@@ -170,7 +188,8 @@ class GridQuadrature:
         self.y = data.y[pixels]
         self.w = pixel_weight[pixels]
         self.voxels, self.owns = voxels, owns
-        voxels.see(self.op.a.col_indices().long())
+        crow = self.op.a_t.crow_indices()
+        voxels.see(crow[1:] > crow[:-1])  # the voxels some pixel's PSF reaches: the transpose's non-empty rows
 
     @property
     def n(self) -> int:

@@ -14,12 +14,11 @@ import logging
 import torch
 
 from gsvr.recon.config import RefineConfig
-from gsvr.recon.forward import current_positions
 from gsvr.recon.refine import GridQuadrature, PsfQuadrature, VoxelNeighbours, holdout_slices, refine_field
 from gsvr.recon.stages.fit import fit_to_volume
 from gsvr.recon.stages.init import field_from_volume
 from gsvr.recon.state import ReconState, log_peak_memory, support_radius
-from gsvr.recon.svr import output_super_resolution, support_mask
+from gsvr.recon.svr import output_super_resolution
 
 NAME = "refine"
 log = logging.getLogger(__name__)
@@ -66,8 +65,7 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
         state.record("refine_holdout", error)
         bar.set_postfix_str(f"refine: split step {step}, held-out error {error:.3e}")
 
-    voxels = VoxelNeighbours(target.grid, support_mask(target.grid, current_positions(data, state.motion),
-                                                       support_radius(state.stacks))) if cfg.sampling == "grid" else None
+    voxels = VoxelNeighbours(target.grid, state.covered) if cfg.sampling == "grid" else None
     steps = refine_field(split, quadrature(state, torch.nonzero(~held)[:, 0], pixel_weight, voxels), cfg, full.model,
                          k=state.k, steps=cfg.max_steps, on_step=split_step, on_held=held_out,
                          held=quadrature(state, torch.nonzero(held)[:, 0], pixel_weight, voxels, owns=False))
@@ -84,10 +82,11 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
         bar.update(1)
         bar.set_postfix_str(f"refine {step}/{steps}, slice error {loss:.3e}")
 
-    if voxels is not None:  # the same support; the voxels all pixels see
-        voxels = VoxelNeighbours(voxels.grid, voxels.covered.reshape(voxels.grid.shape))
-    refine_field(state.field, quadrature(state, torch.arange(data.n_pixels, device=pixel_weight.device), pixel_weight,
-                                         voxels), cfg, full.model, k=state.k, steps=steps, on_step=step_done)
+    if steps:
+        if voxels is not None:  # the same support; the voxels all pixels see
+            voxels = VoxelNeighbours(voxels.grid, state.covered)
+        refine_field(state.field, quadrature(state, torch.arange(data.n_pixels, device=pixel_weight.device), pixel_weight,
+                                             voxels), cfg, full.model, k=state.k, steps=steps, on_step=step_done)
     state.save(NAME, steps, field=state.field.state())
     log_peak_memory("the refinement on the slices")
     return state
