@@ -188,8 +188,9 @@ class FitConfig:
     """Fit of all Gaussian parameters to the SVR volume (L1, Adam, all covered voxels or a fresh sample of them each step)."""
 
     #: Adam steps (the sampled initialisation alone reproduces the volume only roughly; the refinement on the slices
-    #: that follows does better from 50 than from 100: docs/results.md section 20)
-    steps: int = 50
+    #: that follows does better from fewer: from 50 than from 100 at the PSF nodes, docs/results.md section 20; from 25
+    #: than from 50 through the output grid, section 23)
+    steps: int = 25
     lr: FieldRates = field(default_factory=FieldRates)
     #: the volume fitted: "output" (the super-resolution on the output grid after the SVR cycles, its regularisation
     #: chosen on held-out pixels: svr_classic's volume) or "svr" (the last cycle's volume at its spacing, 1.2 mm:
