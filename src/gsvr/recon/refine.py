@@ -29,9 +29,9 @@ from torch import Tensor
 from gsvr.model.field import GaussianField
 from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables
 from gsvr.ops.knn import knn
+from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.config import ModelConfig, RefineConfig, SvrSettings
 from gsvr.recon.slices import SliceData, SliceMotion
-from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.svr import SliceOperator, psf_quadrature, step_sample
 
 
@@ -43,6 +43,13 @@ def holdout_slices(n_slices: int, fraction: float) -> Tensor:
     held = torch.zeros(n_slices, dtype=torch.bool)
     held[torch.argsort((idx * 2654435761) % 2**32)[:n_held]] = True
     return held
+
+
+def knn_int32(means: Tensor, points: Tensor, k: int, backend: str, chunk: int) -> Tensor:
+    """[P, k] int32 indices of each point's ``k`` nearest ``means``, ``chunk`` points at a time (bounding the int64 copy;
+    the indices are most of a neighbour table's memory)."""
+    return torch.cat([knn(means, points[i : i + chunk], k, backend=backend).to(torch.int32)
+                      for i in range(0, len(points), chunk)])
 
 
 class PsfQuadrature:
@@ -72,9 +79,7 @@ class PsfQuadrature:
         """Find each node's ``k`` nearest Gaussians of ``field`` (``chunk`` nodes at a time, bounding the int64 copy)."""
         p, n_nodes, _ = self.points.shape
         nodes = self.points.reshape(-1, 3)
-        means = field.means.detach()
-        self.nbr = torch.cat([knn(means, nodes[i : i + chunk], k, backend=backend).to(torch.int32)
-                              for i in range(0, len(nodes), chunk)]).reshape(p, n_nodes, k)
+        self.nbr = knn_int32(field.means.detach(), nodes, k, backend, chunk).reshape(p, n_nodes, k)
 
     def error(self, field: GaussianField, model: ModelConfig, rows: Tensor | None = None, *, backward: bool = False) -> float:
         """sum w (prediction - y)^2 / sum w over the pixels ``rows`` (all when None), chunk by chunk; with ``backward``
@@ -133,9 +138,7 @@ class VoxelNeighbours:
         built_from = (id(field.means), field.means._version, k)
         if self.nbr is not None and self._built_from == built_from:
             return
-        means = field.means.detach()
-        self.nbr = torch.cat([knn(means, self.points[i : i + chunk], k, backend=backend).to(torch.int32)
-                              for i in range(0, len(self.points), chunk)])
+        self.nbr = knn_int32(field.means.detach(), self.points, k, backend, chunk)
         self._built_from = built_from
 
     def values(self, field: GaussianField, model: ModelConfig) -> Tensor:
