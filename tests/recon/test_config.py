@@ -168,7 +168,8 @@ def test_every_setting_is_documented_or_self_explanatory():
 
 @pytest.mark.parametrize("key, value", [("svr.output_tikhonov_factors", []), ("svr.output_tikhonov_factors", [1.0, 0.0]),
                                         ("svr.output_tikhonov_factors", [True]), ("fit.target", "volume"),
-                                        ("refine.sampling", "voxels"), ("refine.pixel_fraction", 0.0)])
+                                        ("refine.sampling", "voxels"), ("refine.pixel_fraction", 0.0),
+                                        ("refine.register_rounds", -1), ("refine.register_steps", -1)])
 def test_the_held_out_regularisation_fit_target_and_refine_settings_are_checked(key, value):
     with pytest.raises(GsvrError, match=key.split(".")[1]):
         ReconConfig().updated({key: value})

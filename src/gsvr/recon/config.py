@@ -214,7 +214,8 @@ class RefineConfig:
     weighted squared error; Adam). Its length is chosen on held-out slices:
     a second field, fitted to the output-grid super-resolution of the other slices, is refined on them until its
     error on the held-out slices stops falling; the field of all slices is then refined for the step count at that
-    split's smallest held-out error (0: not refined). See :mod:`gsvr.recon.refine`."""
+    split's smallest held-out error (0: not refined), and the slices registered again to the refined field
+    (``register_rounds``). See :mod:`gsvr.recon.refine`."""
 
     max_steps: int = 24  #: most steps the split refines, and so the field of all slices (bounds the stage's time)
     every: int = 2  #: steps between two held-out evaluations of the split
@@ -226,14 +227,26 @@ class RefineConfig:
     #: where the field meets the slices: "grid" (sampled on the output grid, then the voxel operator's sparse matrix:
     #: one evaluation per voxel) or "nodes" (sampled at every pixel's PSF nodes); see :mod:`gsvr.recon.refine`
     sampling: str = "grid"
+    #: rounds after the refinement of all slices, each registering every slice to the refined field (sampled on the
+    #: output grid), refitting the slices' intensity scales and refining ``register_steps`` more steps (at most the
+    #: split's step count; none when it was 0): the field predicts the slices better than the voxel volume the SVR
+    #: cycles registered them to (docs/results.md section 25); 0: off
+    register_rounds: int = 3
+    register_steps: int = 6  #: refinement steps after each registration round
     lr: FieldRates = field(default_factory=FieldRates)
 
     def __post_init__(self) -> None:
         _positive(self, "refine", "max_steps", "every", "patience")
+        _positive(self, "refine", "register_rounds", "register_steps", strict=False)
         _check(0 < self.holdout_fraction < 1, "refine.holdout_fraction", f"must be in (0, 1), got {self.holdout_fraction}")
         _check(0 < self.pixel_fraction <= 1, "refine.pixel_fraction", f"must be in (0, 1], got {self.pixel_fraction}")
         _check(self.sampling in ("grid", "nodes"), "refine.sampling", f"must be 'grid' or 'nodes', got {self.sampling!r}")
         self.lr.check("refine")
+
+    def round_steps(self, steps: int) -> int:
+        """Refinement steps of all registration rounds after a refinement of ``steps`` (at most ``steps`` a round: what
+        the held-out split allowed; none after none)."""
+        return self.register_rounds * min(self.register_steps, steps)
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from gsvr.geometry import matrix_to_axis_angle
 from gsvr.model.field import GaussianField
 from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables
 from gsvr.ops.knn import knn
 from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.config import ModelConfig, RefineConfig, SvrSettings
 from gsvr.recon.slices import SliceData, SliceMotion
-from gsvr.recon.svr import SliceOperator, psf_quadrature, step_sample
+from gsvr.recon.registration import register
+from gsvr.recon.svr import SliceOperator, fit_scales_and_residuals, psf_quadrature, step_sample
 
 
 def holdout_slices(n_slices: int, fraction: float) -> Tensor:
@@ -168,6 +170,32 @@ class VoxelNeighbours:
         of the PSF-node render)."""
         n, size = len(self.points) if n is None else n, 4 * model.chunk_pixels
         return (slice(start, start + size) for start in range(0, n, size))
+
+
+@torch.no_grad()
+def field_on_grid(field: GaussianField, grid: VoxelGrid, covered: Tensor, model: ModelConfig, k: int) -> Tensor:
+    """The field sampled at the ``covered`` [I, J, K] voxels of ``grid`` (each one's ``k`` nearest Gaussians), zero
+    elsewhere: [I, J, K], as the output volume and :class:`GridQuadrature` see it."""
+    voxels = VoxelNeighbours(grid, covered)
+    voxels.see(voxels.covered)
+    voxels.refresh(field, min(k, field.n), model.knn_backend)
+    volume = torch.zeros(len(voxels.covered), device=covered.device)
+    volume[voxels.index] = voxels.values(field, model)
+    return volume.reshape(grid.shape)
+
+
+def register_to_field(field: GaussianField, grid: VoxelGrid, covered: Tensor, data: SliceData, motion: SliceMotion,
+                      s: SvrSettings, model: ModelConfig, k: int) -> tuple[Tensor, Tensor]:
+    """Register every slice to the field sampled on ``grid`` (:func:`field_on_grid`) as the SVR cycles register them to
+    their volume (:func:`gsvr.recon.registration.register`, settings ``s``), then refit the slices' intensity scales to
+    it; ``motion`` is updated in place. Returns each slice's NCC [M] and how far its rotation turned [M] (radians)."""
+    volume = field_on_grid(field, grid, covered, model, k)
+    before = motion.rotation().detach().clone()
+    ncc = register(volume, grid, data, motion, s)
+    fit_scales_and_residuals(volume, grid, data, motion, s, torch.ones(data.n_slices, dtype=torch.bool, device=volume.device))
+    with torch.no_grad():
+        turned = matrix_to_axis_angle(motion.rotation() @ before.transpose(-1, -2)).norm(dim=-1)
+    return ncc, turned
 
 
 class GridQuadrature:

@@ -34,7 +34,9 @@ EVALUATIONS = {"refine_holdout"}
 STAGE_MEASURES = {"svr": "median slice NCC (leave one stack out)", "fit": "L1 to the SVR volume",
                   "refine_fit": "L1 to the volume of refine's split", "refine_split": "weighted squared error of refine's split",
                   "refine_holdout": "held-out slices' weighted squared error (refine's split)",
-                  "refine": "weighted squared slice error", "joint": "weighted L1 slice loss"}
+                  "refine": "weighted squared slice error",
+                  "refine_register": "weighted squared slice error after registering the slices to the refined field",
+                  "joint": "weighted L1 slice loss"}
 
 
 @dataclass

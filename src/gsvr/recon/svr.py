@@ -291,7 +291,7 @@ def svr_cycles(data: SliceData, motion: SliceMotion, s: SvrSettings, *, weight_f
             ncc_k = register(vol, grid, data, motion, s, slices=held_out, groups=stack_of if whole_stacks else None,
                              rotate=whole_stacks or cycle - stack_cycles >= s.translation_only_cycles)
             ncc[held_out] = ncc_k[held_out]
-            mean_res[held_out] = _fit_scales_and_residuals(vol, grid, data, motion, s, held_out, pixel_res)[held_out]
+            mean_res[held_out] = fit_scales_and_residuals(vol, grid, data, motion, s, held_out, pixel_res)[held_out]
         if s.robust == "em":
             pixel_weights, weights = em_robust_weights(pixel_res, data.slice_idx, data.n_slices, s.em_iterations)
         else:
@@ -428,7 +428,7 @@ def _grid(data: SliceData, motion: SliceMotion, spacing_mm: float, margin_mm: fl
 
 
 @torch.no_grad()
-def _fit_scales_and_residuals(vol: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMotion, s: SvrSettings,
+def fit_scales_and_residuals(vol: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMotion, s: SvrSettings,
                               slices: Tensor, pixel_residuals: Tensor | None = None) -> Tensor:
     """Least-squares intensity scale of the chosen slices (y ~ scale * A_i V) into ``motion.log_scale``;
     returns every slice's mean absolute residual [M] (0 for slices not chosen) and writes the chosen

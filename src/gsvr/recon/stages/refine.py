@@ -4,17 +4,22 @@ the output grid (:mod:`gsvr.recon.refine`), for as many steps as held-out slices
 A hashed ``refine.holdout_fraction`` of the slices is held out; a second field is initialised and fitted, as the init
 and fit stages do, to the output-grid super-resolution of the other slices, then refined on them until its error on
 the held-out slices stops falling. The field of all slices is then refined for the step count of that split's
-smallest held-out error (none when the first evaluation was the smallest). Slice motions, weights and scales stay as
-the SVR cycles left them. Checkpointed when it ends."""
+smallest held-out error (none when the first evaluation was the smallest). Then, when it was refined,
+``refine.register_rounds`` rounds each register every slice to the refined field on the output grid, refit the slices'
+intensity scales and refine a few more steps (the slice weights stay as the SVR cycles left them). Checkpointed when it
+ends."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
+from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.config import RefineConfig
-from gsvr.recon.refine import GridQuadrature, PsfQuadrature, VoxelNeighbours, holdout_slices, refine_field
+from gsvr.recon.refine import (GridQuadrature, PsfQuadrature, VoxelNeighbours, holdout_slices, refine_field,
+                               register_to_field)
 from gsvr.recon.stages.fit import fit_to_volume
 from gsvr.recon.stages.init import field_from_volume
 from gsvr.recon.state import ReconState, log_peak_memory, support_radius
@@ -33,7 +38,8 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
         return state
     if ck.skips(NAME) or ck.resumes(NAME):  # done before the checkpoint resumed from
         stages = [row[1] for row in state.history]
-        settle_bar(state, cfg, split_steps=stages.count("refine_split"), steps=stages.count(NAME))
+        settle_bar(state, cfg, split_steps=stages.count("refine_split"), steps=stages.count(NAME),
+                   register_steps=stages.count("refine_register"))
         return state
     pixel_weight = state.weights[data.slice_idx] * state.pixel_weights
     held_slices = holdout_slices(data.n_slices, cfg.holdout_fraction)
@@ -65,7 +71,8 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
         state.record("refine_holdout", error)
         bar.set_postfix_str(f"refine: split step {step}, held-out error {error:.3e}")
 
-    voxels = VoxelNeighbours(target.grid, state.covered) if cfg.sampling == "grid" else None
+    grid = target.grid  # the output grid
+    voxels = VoxelNeighbours(grid, state.covered) if cfg.sampling == "grid" else None
     steps = refine_field(split, quadrature(state, torch.nonzero(~held)[:, 0], pixel_weight, voxels), cfg, full.model,
                          k=state.k, steps=cfg.max_steps, on_step=split_step, on_held=held_out,
                          held=quadrature(state, torch.nonzero(held)[:, 0], pixel_weight, voxels, owns=False))
@@ -75,18 +82,30 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
     if voxels is not None:
         log.info("refine: the field evaluated at %d voxels of the output grid (%d in the support)", len(voxels.index),
                  int(voxels.covered.sum()))
-    settle_bar(state, cfg, split_steps=done[0], steps=steps)
+    settle_bar(state, cfg, split_steps=done[0], steps=steps, register_steps=cfg.round_steps(steps))
 
     def step_done(step: int, loss: float) -> None:
         state.record(NAME, loss)
         bar.update(1)
         bar.set_postfix_str(f"refine {step}/{steps}, slice error {loss:.3e}")
 
+    pixels = torch.arange(data.n_pixels, device=pixel_weight.device)
     if steps:
-        if voxels is not None:  # the same support; the voxels all pixels see
-            voxels = VoxelNeighbours(voxels.grid, state.covered)
-        refine_field(state.field, quadrature(state, torch.arange(data.n_pixels, device=pixel_weight.device), pixel_weight,
-                                             voxels), cfg, full.model, k=state.k, steps=steps, on_step=step_done)
+        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, state, voxels)), cfg,
+                     full.model, k=state.k, steps=steps, on_step=step_done)
+    for r in range(cfg.register_rounds if steps else 0):
+        ncc, turned = register_to_field(state.field, grid, state.covered, data, state.motion, full.svr, full.model, state.k)
+        log.info("refine: round %d: slices registered to the refined field, median NCC %.4f, rotation changed by %.2f deg "
+                 "(median), %.2f deg (most)", r + 1, float(ncc.median()), math.degrees(float(turned.median())),
+                 math.degrees(float(turned.max())))
+
+        def round_step(step: int, loss: float) -> None:
+            state.record("refine_register", loss)
+            bar.update(1)
+            bar.set_postfix_str(f"refine: round {r + 1}/{cfg.register_rounds}, slice error {loss:.3e}")
+
+        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, state, voxels)), cfg,
+                     full.model, k=state.k, steps=min(cfg.register_steps, steps), on_step=round_step)
     state.save(NAME, steps, field=state.field.state())
     log_peak_memory("the refinement on the slices")
     return state
@@ -102,7 +121,15 @@ def quadrature(state: ReconState, pixels: torch.Tensor, pixel_weight: torch.Tens
                           psf=state.cfg.model.psf)
 
 
-def settle_bar(state: ReconState, cfg: RefineConfig, *, split_steps: int, steps: int) -> None:
-    """The progress bar counted the most steps of both refinements (``total_steps``): take off those not run."""
-    state.bar.total -= (cfg.max_steps - split_steps) + (cfg.max_steps - steps)
+def all_pixels_voxels(grid: VoxelGrid, state: ReconState, voxels: VoxelNeighbours | None) -> VoxelNeighbours | None:
+    """The neighbour table of a quadrature of all pixels at the current motion: the voxels they see, on the output grid
+    (None: the PSF-node render)."""
+    return None if voxels is None else VoxelNeighbours(grid, state.covered)
+
+
+def settle_bar(state: ReconState, cfg: RefineConfig, *, split_steps: int, steps: int, register_steps: int) -> None:
+    """The progress bar counted the most steps of both refinements and of the registration rounds (``total_steps``):
+    take off those not run."""
+    state.bar.total -= ((cfg.max_steps - split_steps) + (cfg.max_steps - steps)
+                        + (cfg.round_steps(cfg.max_steps) - register_steps))
     state.bar.refresh()
