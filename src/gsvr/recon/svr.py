@@ -429,7 +429,7 @@ def _grid(data: SliceData, motion: SliceMotion, spacing_mm: float, margin_mm: fl
 
 @torch.no_grad()
 def fit_scales_and_residuals(vol: Tensor, grid: VoxelGrid, data: SliceData, motion: SliceMotion, s: SvrSettings,
-                              slices: Tensor, pixel_residuals: Tensor | None = None) -> Tensor:
+                             slices: Tensor, pixel_residuals: Tensor | None = None) -> Tensor:
     """Least-squares intensity scale of the chosen slices (y ~ scale * A_i V) into ``motion.log_scale``;
     returns every slice's mean absolute residual [M] (0 for slices not chosen) and writes the chosen
     pixels' signed residuals into ``pixel_residuals`` [P] when given."""
