@@ -40,8 +40,9 @@ def uninterrupted(stacks):
 @pytest.mark.parametrize("n_saves,stage,step", [(2, "svr", 2), (8, "fit", 10), (11, "refine", None), (14, "joint", 15)])
 def test_resume_from_each_stage_gives_the_uninterrupted_result(stacks, uninterrupted, interrupt_and_resume, n_saves, stage, step):
     state, resumed, path = interrupt_and_resume(stacks, CFG, n_saves)
-    if step is None:  # the refinement's checkpoint: the steps it chose
+    if step is None:  # the refinement's checkpoint: the steps it chose, then its registration rounds' (which move slices)
         step = int((uninterrupted.history.stage == "refine").sum())
+        assert (uninterrupted.history.stage == "refine_register").any()
     assert (state["stage"], state["step"]) == (stage, step)
     assert np.array_equal(resumed.volume.data, uninterrupted.volume.data)
     assert resumed.slices.equals(uninterrupted.slices)

@@ -189,7 +189,6 @@ def test_refinement_runs_on_while_the_held_out_error_falls(case, kind):
     assert all(b < a for a, b in zip(evaluations, evaluations[1:]))
 
 
-SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
 def test_the_field_on_the_grid_is_its_sum_at_the_supported_voxels_and_zero_beyond(case):
     data, _, _, field = case
     grid, covered = _grid(data)
@@ -245,6 +244,7 @@ def test_registering_to_the_field_registers_to_it_sampled_on_the_grid_and_refits
     assert float(turned.median()) > np.radians(0.5)  # the slices did move
 
 
+SIM = dict(inplane_spacing_mm=1.6, thickness_mm=4.0, noise_level=0.01, fov_margin_mm=4.0, through_plane_samples=11)
 TINY = {"init": {"n_gaussians": 3000}, "model": {"k_neighbors": 12, "knn_every": 5}, "output": {"resolution_mm": 1.6},
         "svr": {"spacings_mm": [3.2, 2.4, 2.4]}, "align": None, "fit": {"steps": 20}}
 

@@ -394,7 +394,7 @@ class JointConfig:
     """Joint optimisation of the field, slice motions, scales and weights on the slices."""
 
     steps: int = 0  #: full-resolution steps (one pass over the pixels each); 0: the fitted (and refined) field is the result
-    motion: bool = True  #: optimise slice motion here too (false: keep the SVR cycles' motion)
+    motion: bool = True  #: optimise slice motion here too (false: keep the motion the SVR cycles and the refine stage left)
     motion_warmup: int = 0  #: steps before slice motion is released
     batch_fraction: float = 1.0  #: fraction of in-mask pixels used per step (1 = full batch)
     block_query: Optional[BlockQueryConfig] = None  #: null: each pixel sums its top-K Gaussians (model.k_neighbors)

@@ -48,7 +48,8 @@ class Result:
         slices: one row per slice: stack, slice index, rotation (deg), translation (mm), scale, weight.
         history: one row per step (see ``HISTORY_COLUMNS`` and ``STAGE_MEASURES``): SVR cycles (median slice NCC),
             steps of the fit to the SVR volume (L1 to it), of the refinement (its split's fit and steps, its
-            held-out evaluations, the steps of the field of all slices) and joint steps, with wall time.
+            held-out evaluations, the steps of the field of all slices and those of its registration rounds) and joint
+            steps, with wall time.
         model: everything needed to re-sample the volume (see :func:`gsvr.recon.volume.load_model`).
         config: the configuration used.
         elapsed_s: wall time of the optimisation and sampling.

@@ -46,7 +46,7 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
     held = held_slices.to(pixel_weight.device)[data.slice_idx]
     if not held.any():  # a single slice: nothing to hold out
         log.info("refine: not run (it holds out slices, and there is one)")
-        state.bar.total -= full.fit.steps + 2 * cfg.max_steps
+        state.bar.total -= full.fit.steps + 2 * cfg.max_steps + cfg.round_steps(cfg.max_steps)
         return state
     bar.set_postfix_str("refine: super-resolution without the held-out slices")
     target = output_super_resolution(data, state.motion, pixel_weight * (~held).float(), full.svr, full.output.resolution_mm,
@@ -94,6 +94,7 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
         refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, state, voxels)), cfg,
                      full.model, k=state.k, steps=steps, on_step=step_done)
     for r in range(cfg.register_rounds if steps else 0):
+        bar.set_postfix_str(f"refine: round {r + 1}/{cfg.register_rounds}, registering the slices to the field")
         ncc, turned = register_to_field(state.field, grid, state.covered, data, state.motion, full.svr, full.model, state.k)
         log.info("refine: round %d: slices registered to the refined field, median NCC %.4f, rotation changed by %.2f deg "
                  "(median), %.2f deg (most)", r + 1, float(ncc.median()), math.degrees(float(turned.median())),
