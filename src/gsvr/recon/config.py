@@ -248,6 +248,11 @@ class RefineConfig:
         the held-out split allowed; none after none)."""
         return self.register_rounds * min(self.register_steps, steps)
 
+    def most_steps(self) -> int:
+        """The most refinement steps the stage runs (the split's, those of the field of all slices, the rounds'), its
+        split's fit aside: what the progress bar counts for it."""
+        return 2 * self.max_steps + self.round_steps(self.max_steps)
+
 
 @dataclass(frozen=True)
 class OptimConfig:

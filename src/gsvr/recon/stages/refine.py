@@ -46,7 +46,7 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
     held = held_slices.to(pixel_weight.device)[data.slice_idx]
     if not held.any():  # a single slice: nothing to hold out
         log.info("refine: not run (it holds out slices, and there is one)")
-        state.bar.total -= full.fit.steps + 2 * cfg.max_steps + cfg.round_steps(cfg.max_steps)
+        state.bar.total -= full.fit.steps + cfg.most_steps()
         return state
     bar.set_postfix_str("refine: super-resolution without the held-out slices")
     target = output_super_resolution(data, state.motion, pixel_weight * (~held).float(), full.svr, full.output.resolution_mm,
@@ -131,6 +131,5 @@ def all_pixels_voxels(grid: VoxelGrid, state: ReconState, voxels: VoxelNeighbour
 def settle_bar(state: ReconState, cfg: RefineConfig, *, split_steps: int, steps: int, register_steps: int) -> None:
     """The progress bar counted the most steps of both refinements and of the registration rounds (``total_steps``):
     take off those not run."""
-    state.bar.total -= ((cfg.max_steps - split_steps) + (cfg.max_steps - steps)
-                        + (cfg.round_steps(cfg.max_steps) - register_steps))
+    state.bar.total -= cfg.most_steps() - (split_steps + steps + register_steps)
     state.bar.refresh()

@@ -53,7 +53,5 @@ def total_steps(cfg: ReconConfig, n_stacks: int) -> int:
     full-resolution joint steps."""
     cycles = cfg.svr.n_cycles(n_stacks) if cfg.svr_cycles_run else 0
     fit = cfg.fit.steps if cfg.svr_cycles_run and cfg.init.from_svr and cfg.fit else 0
-    refine = 0
-    if cfg.refines:
-        refine = cfg.fit.steps + 2 * cfg.refine.max_steps + cfg.refine.round_steps(cfg.refine.max_steps)
+    refine = cfg.fit.steps + cfg.refine.most_steps() if cfg.refines else 0
     return cycles + fit + refine + (cfg.joint.multires.steps if cfg.joint.multires else 0) + cfg.joint.steps
