@@ -190,8 +190,6 @@ def unique_pairs(slice_idx: Tensor, nbr_gauss: Tensor, n_gauss: int) -> tuple[Te
 
 #: Packed pair-table layout: mean (3), symmetric precision (6, _SYM order), weight (1).
 PACKED_WIDTH = 10
-_I = (0, 1, 2, 0, 0, 1)
-_J = (0, 1, 2, 1, 2, 2)
 
 
 def pack_tables(tables: PairTables) -> Tensor:
@@ -208,7 +206,7 @@ class _PackedGaussianSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, packed: Tensor, nbr: Tensor, normalized: bool, delta: float) -> Tensor:
-        rows = packed[nbr]  # [P, K, 10]
+        rows = packed.index_select(0, nbr.reshape(-1)).reshape(*nbr.shape, PACKED_WIDTH)  # [P, K, 10]
         v = x[:, None, :] - rows[..., 0:3]  # [P, K, 3]
         v0, v1, v2 = v.unbind(-1)
         p00, p11, p22, p01, p02, p12, weight = rows[..., 3:].unbind(-1)
@@ -231,15 +229,19 @@ class _PackedGaussianSum(torch.autograd.Function):
         else:
             g = grad_out[:, None]
             g_w = g * weight
-        g_weight = g * w
         h = -0.5 * g_w * w  # dL/de  [P, K]
-        g_v = (2.0 * h)[..., None] * pv  # [P, K, 3]
-        vv = v[..., _I] * v[..., _J]
-        vv[..., 3:] *= 2.0
-        rows = torch.cat([-g_v, h[..., None] * vv, g_weight[..., None]], dim=-1).reshape(-1, PACKED_WIDTH)
+        # The rows' gradients written in place (no gather over the last dimension, no concatenation): the mean's
+        # -dL/dv = -2 h P v, the precision's h v_a v_b (twice off the diagonal), the weight's g w.
+        rows = torch.empty(*w.shape, PACKED_WIDTH, dtype=w.dtype, device=w.device)
+        rows[..., 0:3] = pv * (-2.0 * h)[..., None]
+        v0, v1, v2 = v.unbind(-1)
+        hv0, hv1 = h * v0, h * v1
+        rows[..., 3], rows[..., 4], rows[..., 5] = hv0 * v0, hv1 * v1, h * v2 * v2
+        rows[..., 6], rows[..., 7], rows[..., 8] = 2.0 * hv0 * v1, 2.0 * hv0 * v2, 2.0 * hv1 * v2
+        rows[..., 9] = g * w
         g_packed = torch.zeros(ctx.n_rows, PACKED_WIDTH, dtype=rows.dtype, device=rows.device)
-        g_packed.index_add_(0, nbr.reshape(-1), rows)
-        return g_v.sum(1), g_packed, None, None, None
+        g_packed.index_add_(0, nbr.reshape(-1), rows.reshape(-1, PACKED_WIDTH))
+        return -rows[..., 0:3].sum(1), g_packed, None, None, None
 
 
 def gaussian_sum_packed(x: Tensor, nbr: Tensor, packed: Tensor, *, mode: str, delta: float = 1e-4) -> Tensor:

@@ -166,9 +166,10 @@ class VoxelNeighbours:
         packed.backward(leaf.grad)
 
     def _chunks(self, model: ModelConfig, n: int | None = None):
-        """Slices of ``n`` (all voxels) items, ``4 * model.chunk_pixels`` at a time (about the points of a pixel chunk
-        of the PSF-node render)."""
-        n, size = len(self.points) if n is None else n, 4 * model.chunk_pixels
+        """Slices of ``n`` (all voxels) items, ``model.chunk_pixels`` at a time, as the fit stage chunks its voxels (a
+        chunk's [P, K, 10] neighbour rows then stay in the CPU's cache: four times as many took twice as long per voxel,
+        docs/results.md section 26)."""
+        n, size = len(self.points) if n is None else n, model.chunk_pixels
         return (slice(start, start + size) for start in range(0, n, size))
 
 
