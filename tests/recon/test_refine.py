@@ -19,7 +19,9 @@ from gsvr.recon.refine import (GridQuadrature, PsfQuadrature, VoxelNeighbours, f
                                register_to_field)
 from gsvr.recon.slices import SliceMotion, build_slice_data
 from gsvr.recon.registration import register
-from gsvr.recon.svr import SliceOperator, output_super_resolution, support_mask
+from gsvr.recon.svr import SliceOperator, output_super_resolution, output_support, support_mask
+from gsvr.recon.forward import current_positions
+from gsvr.recon.volume import sample_volume
 from gsvr.recon.config import ReconConfig
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 from helpers import stacks_from_simulation
@@ -263,3 +265,27 @@ def test_the_stage_brings_the_volume_closer_to_the_truth_than_the_fit_alone(smal
             steps = int((history.stage == "refine").sum())  # the registration rounds: 3 of at most 6 steps
             assert (history.stage == "refine_register").sum() == 3 * min(6, steps)
     assert psnr[True] > psnr[False] + 0.3, psnr
+
+
+def test_the_rounds_refine_the_grid_and_support_of_the_volume_the_output_samples(case):
+    """After a registration the rounds refine on ``output_support`` at the new motions: the grid and the support of
+    the volume the sample stage writes from those motions (an independent construction: its own grid, its own
+    nearest-pixel test), so the voxels refined are the voxels written."""
+    data, _, _, field = case
+    gen = torch.Generator().manual_seed(3)
+    motion = SliceMotion(data.n_slices, "cpu")
+    with torch.no_grad():
+        motion.rotvec.copy_(0.05 * torch.randn(data.n_slices, 3, generator=gen))
+        motion.trans.copy_(torch.randn(data.n_slices, 3, generator=gen))
+    grid, covered = output_support(data, motion, 2.4, 6.0)
+    model = {"field": field.state(), "origin_mm": np.zeros(3), "intensity_scale": 1.0,
+             "support_points": current_positions(data, motion), "support_radius_mm": 6.0,
+             "config": ReconConfig().to_dict()}
+    out = sample_volume(model, resolution_mm=2.4)
+    assert out.data.shape == tuple(grid.shape)
+    np.testing.assert_allclose(out.affine[:3, 3], grid.corner_mm, atol=1e-4)
+    written = torch.from_numpy(out.data != 0)
+    assert not (written & ~covered).any()
+    assert int(written.sum()) >= 0.95 * int(covered.sum())
+    # a motion that moved the pixels moved the grid: the one from the identity motion is not it
+    assert VoxelGrid.covering(data.x0, 2.4, 6.0).corner_mm != grid.corner_mm

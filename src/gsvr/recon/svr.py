@@ -200,9 +200,7 @@ def output_super_resolution(data: SliceData, motion: SliceMotion, pixel_weight: 
     (:func:`select_tikhonov`, whose first solve runs twice the cycles' CG iterations); the solve from all pixels
     then runs the cycles' iterations from the chosen volume (twice them from zero when the factors are null).
     """
-    with torch.no_grad():
-        x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
-    grid = VoxelGrid.covering(x, resolution_mm, radius_mm)
+    grid, covered = output_support(data, motion, resolution_mm, radius_mm)
     tikhonov = s.tikhonov * (s.spacings_mm[-1] / resolution_mm) ** 2
     final = dataclasses.replace(s, cg_iterations=2 * s.cg_iterations, tikhonov=tikhonov)
     start = None
@@ -212,7 +210,16 @@ def output_super_resolution(data: SliceData, motion: SliceMotion, pixel_weight: 
                  ", ".join(f"x{f:g} {e:.3g}" for f, e in errors), lam / tikhonov)
         final = dataclasses.replace(final, tikhonov=lam, cg_iterations=s.cg_iterations)
     vol = super_resolve(data, motion, pixel_weight, grid, final, init=start)
-    return SvrState(torch.where(support_mask(grid, x, radius_mm), vol, torch.zeros_like(vol)), grid)
+    return SvrState(torch.where(covered, vol, torch.zeros_like(vol)), grid)
+
+
+@torch.no_grad()
+def output_support(data: SliceData, motion: SliceMotion, resolution_mm: float, radius_mm: float) -> tuple[VoxelGrid, Tensor]:
+    """The output grid covering the pixels at ``motion`` plus ``radius_mm``, and its support [I, J, K] (the voxels within
+    ``radius_mm`` of a pixel), as the sample stage builds them from the final motions."""
+    x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
+    grid = VoxelGrid.covering(x, resolution_mm, radius_mm)
+    return grid, support_mask(grid, x, radius_mm)
 
 
 def _conjugate_gradients(normal, b: Tensor, v: Tensor, iterations: int) -> Tensor:

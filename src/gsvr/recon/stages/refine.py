@@ -6,8 +6,8 @@ and fit stages do, to the output-grid super-resolution of the other slices, then
 the held-out slices stops falling. The field of all slices is then refined for the step count of that split's
 smallest held-out error (none when the first evaluation was the smallest). Then, when it was refined,
 ``refine.register_rounds`` rounds each register every slice to the refined field on the output grid, refit the slices'
-intensity scales and refine a few more steps (the slice weights stay as the SVR cycles left them). Checkpointed when it
-ends."""
+intensity scales and refine a few more steps on the output grid and support rebuilt at the new motions, those the sample
+stage writes (the slice weights stay as the SVR cycles left them). Checkpointed when it ends."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from gsvr.recon.refine import (GridQuadrature, PsfQuadrature, VoxelNeighbours, h
 from gsvr.recon.stages.fit import fit_to_volume
 from gsvr.recon.stages.init import field_from_volume
 from gsvr.recon.state import ReconState, log_peak_memory, support_radius
-from gsvr.recon.svr import output_super_resolution
+from gsvr.recon.svr import output_super_resolution, output_support
 
 NAME = "refine"
 log = logging.getLogger(__name__)
@@ -91,11 +91,15 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
 
     pixels = torch.arange(data.n_pixels, device=pixel_weight.device)
     if steps:
-        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, state, voxels)), cfg,
-                     full.model, k=state.k, steps=steps, on_step=step_done)
+        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, state.covered, voxels)),
+                     cfg, full.model, k=state.k, steps=steps, on_step=step_done)
+    covered = state.covered
     for r in range(cfg.register_rounds if steps else 0):
         bar.set_postfix_str(f"refine: round {r + 1}/{cfg.register_rounds}, registering the slices to the field")
-        ncc, turned = register_to_field(state.field, grid, state.covered, data, state.motion, full.svr, full.model, state.k)
+        ncc, turned = register_to_field(state.field, grid, covered, data, state.motion, full.svr, full.model, state.k)
+        # the output grid and support at the new motions, as the sample stage will build them: what is refined next
+        # is the volume the output samples
+        grid, covered = output_support(data, state.motion, full.output.resolution_mm, support_radius(state.stacks))
         log.info("refine: round %d: slices registered to the refined field, median NCC %.4f, rotation changed by %.2f deg "
                  "(median), %.2f deg (most)", r + 1, float(ncc.median()), math.degrees(float(turned.median())),
                  math.degrees(float(turned.max())))
@@ -105,7 +109,7 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
             bar.update(1)
             bar.set_postfix_str(f"refine: round {r + 1}/{cfg.register_rounds}, slice error {loss:.3e}")
 
-        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, state, voxels)), cfg,
+        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, covered, voxels)), cfg,
                      full.model, k=state.k, steps=min(cfg.register_steps, steps), on_step=round_step)
     state.save(NAME, steps, field=state.field.state())
     log_peak_memory("the refinement on the slices")
@@ -122,10 +126,10 @@ def quadrature(state: ReconState, pixels: torch.Tensor, pixel_weight: torch.Tens
                           psf=state.cfg.model.psf)
 
 
-def all_pixels_voxels(grid: VoxelGrid, state: ReconState, voxels: VoxelNeighbours | None) -> VoxelNeighbours | None:
-    """The neighbour table of a quadrature of all pixels at the current motion: the voxels they see, on the output grid
-    (None: the PSF-node render)."""
-    return None if voxels is None else VoxelNeighbours(grid, state.covered)
+def all_pixels_voxels(grid: VoxelGrid, covered: torch.Tensor, voxels: VoxelNeighbours | None) -> VoxelNeighbours | None:
+    """The neighbour table of a quadrature of all pixels at the current motion: the voxels they see, on the output
+    ``grid`` within its support ``covered`` (None: the PSF-node render)."""
+    return None if voxels is None else VoxelNeighbours(grid, covered)
 
 
 def settle_bar(state: ReconState, cfg: RefineConfig, *, split_steps: int, steps: int, register_steps: int) -> None:
