@@ -133,7 +133,9 @@ class ModelConfig:
     intensity: str = "linear"
     knn_every: int = 50  #: steps between neighbour-index rebuilds (fit and joint stages)
     knn_backend: str = "auto"  #: "auto", "kdtree", "faiss" or "torch"
-    chunk_pixels: int = 8_192  #: pixels per forward/backward chunk (bounds memory)
+    #: pixels (or voxels) per forward/backward chunk: bounds memory, and keeps a chunk's neighbour rows in the CPU's
+    #: cache (bench/render_kernel.py)
+    chunk_pixels: int = 8_192
 
     def __post_init__(self) -> None:
         _one_of(self, "model", "render_mode", ("exact", "normalized"))
