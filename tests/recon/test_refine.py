@@ -22,6 +22,7 @@ from gsvr.recon.registration import register
 from gsvr.recon.svr import SliceOperator, output_super_resolution, output_support, support_mask
 from gsvr.recon.forward import current_positions
 from gsvr.recon.volume import sample_volume
+from gsvr.recon.stages import refine as refine_stage
 from gsvr.recon.config import ReconConfig
 from gsvr.simulate.stacks import SimulationConfig, simulate_stacks
 from helpers import stacks_from_simulation
@@ -252,9 +253,13 @@ TINY = {"init": {"n_gaussians": 3000}, "model": {"k_neighbors": 12, "knn_every":
 
 
 @pytest.mark.slow
-def test_the_stage_brings_the_volume_closer_to_the_truth_than_the_fit_alone(small_subject):
+def test_the_stage_brings_the_volume_closer_to_the_truth_than_the_fit_alone(small_subject, monkeypatch):
     vol, mask, affine = small_subject
     sim = simulate_stacks(vol, mask, affine, SimulationConfig(motion_rotation_deg=3.0, motion_translation_mm=2.0, seed=4, **SIM))
+    grids = []  # the grid of each refinement of all slices: the first, then one per registration round
+    all_pixels_voxels = refine_stage.all_pixels_voxels
+    monkeypatch.setattr(refine_stage, "all_pixels_voxels",
+                        lambda grid, covered, voxels: grids.append(grid) or all_pixels_voxels(grid, covered, voxels))
     psnr = {}
     for refine in (None, {"max_steps": 12}):
         result = reconstruct(stacks_from_simulation(sim), ReconConfig.from_dict({**TINY, "refine": refine}), progress=False)
@@ -264,6 +269,11 @@ def test_the_stage_brings_the_volume_closer_to_the_truth_than_the_fit_alone(smal
             assert (history.stage == "refine_holdout").any() and (history.stage == "refine").any()
             steps = int((history.stage == "refine").sum())  # the registration rounds: 3 of at most 6 steps
             assert (history.stage == "refine_register").sum() == 3 * min(6, steps)
+            # the last round refined the output's own grid (built from the final motions), not the cycles' one
+            assert len(grids) == 4 and grids[0].corner_mm != grids[-1].corner_mm
+            assert tuple(grids[-1].shape) == result.volume.data.shape
+            np.testing.assert_allclose(np.asarray(grids[-1].corner_mm) + result.model["origin_mm"],
+                                       result.volume.affine[:3, 3], atol=1e-4)
     assert psnr[True] > psnr[False] + 0.3, psnr
 
 

@@ -7,7 +7,8 @@ the held-out slices stops falling. The field of all slices is then refined for t
 smallest held-out error (none when the first evaluation was the smallest). Then, when it was refined,
 ``refine.register_rounds`` rounds each register every slice to the refined field on the output grid, refit the slices'
 intensity scales and refine a few more steps on the output grid and support rebuilt at the new motions, those the sample
-stage writes (the slice weights stay as the SVR cycles left them). Checkpointed when it ends."""
+stage writes unless the joint stage moves the slices again (the slice weights stay as the SVR cycles left them).
+Checkpointed when it ends."""
 
 from __future__ import annotations
 
@@ -97,8 +98,8 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
     for r in range(cfg.register_rounds if steps else 0):
         bar.set_postfix_str(f"refine: round {r + 1}/{cfg.register_rounds}, registering the slices to the field")
         ncc, turned = register_to_field(state.field, grid, covered, data, state.motion, full.svr, full.model, state.k)
-        # the output grid and support at the new motions, as the sample stage will build them: what is refined next
-        # is the volume the output samples
+        # the output grid and support at the new motions, as the sample stage will build them (unless the joint stage
+        # moves the slices): what is refined next is the volume the output samples
         grid, covered = output_support(data, state.motion, full.output.resolution_mm, support_radius(state.stacks))
         log.info("refine: round %d: slices registered to the refined field, median NCC %.4f, rotation changed by %.2f deg "
                  "(median), %.2f deg (most)", r + 1, float(ncc.median()), math.degrees(float(turned.median())),
