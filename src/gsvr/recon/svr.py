@@ -27,6 +27,7 @@ from gsvr.geometry import matrix_to_axis_angle
 from gsvr.ops.knn import knn
 from gsvr.ops.voxel import VoxelGrid, acquire, acquire_adjoint, acquisition_matrices, psf_nodes, psf_offsets
 from gsvr.recon.config import SvrSettings
+from gsvr.recon.forward import current_positions
 from gsvr.recon.registration import register
 from gsvr.recon.slices import SliceData, SliceMotion, transform_points
 
@@ -217,7 +218,7 @@ def output_super_resolution(data: SliceData, motion: SliceMotion, pixel_weight: 
 def output_support(data: SliceData, motion: SliceMotion, resolution_mm: float, radius_mm: float) -> tuple[VoxelGrid, Tensor]:
     """The output grid covering the pixels at ``motion`` plus ``radius_mm``, and its support [I, J, K] (the voxels within
     ``radius_mm`` of a pixel), as the sample stage builds them from the final motions."""
-    x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
+    x = current_positions(data, motion)
     grid = VoxelGrid.covering(x, resolution_mm, radius_mm)
     return grid, support_mask(grid, x, radius_mm)
 
@@ -429,9 +430,7 @@ def remove_global_motion(data: SliceData, motion: SliceMotion) -> None:
 
 
 def _grid(data: SliceData, motion: SliceMotion, spacing_mm: float, margin_mm: float) -> VoxelGrid:
-    with torch.no_grad():
-        x = transform_points(data.x0, data.slice_idx, data.centre, motion.rotation(), motion.trans)
-    return VoxelGrid.covering(x, spacing_mm, margin_mm)
+    return VoxelGrid.covering(current_positions(data, motion), spacing_mm, margin_mm)
 
 
 @torch.no_grad()
