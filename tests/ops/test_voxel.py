@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from gsvr.ops.voxel import VoxelGrid, acquire, acquire_adjoint, acquisition_matrices, psf_nodes, psf_offsets
+from gsvr.ops.voxel import (VoxelGrid, _transpose, acquire, acquire_adjoint, acquisition_matrices, psf_nodes,
+                            psf_offsets)
 
 
 def _random_slices(n_pix: int, grid: VoxelGrid, gen: torch.Generator):
@@ -48,6 +49,10 @@ def test_acquisition_matrix_is_the_operator_and_its_transpose_the_adjoint(orders
     for m in (a, a_t):  # torch's CSR invariants (rows' columns sorted and distinct), which the products assume
         torch.sparse_csr_tensor(m.crow_indices(), m.col_indices(), m.values(), m.shape, check_invariants=True)
     assert torch.equal(a_t.to_dense(), a.to_dense().T)
+    # the transpose by a stable sort (the CUDA path) is the same matrix as the counting sort's (the CPU path)
+    by_sort = _transpose(a.crow_indices(), a.col_indices(), a.values(), tuple(a.shape), counting=False)
+    for part in ("crow_indices", "col_indices", "values"):
+        assert torch.equal(getattr(by_sort, part)(), getattr(a_t, part)())
     torch.testing.assert_close(torch.mv(a, v.reshape(-1)), acquire(v, grid, x, off, w), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.mv(a_t, u).reshape(grid.shape), acquire_adjoint(u, grid, x, off, w),
                                rtol=1e-10, atol=1e-12)
