@@ -143,6 +143,37 @@ def test_quadratures_that_share_voxels_rebuild_their_neighbours_only_where_they_
         VoxelNeighbours(grid, covered[:-1])
 
 
+def test_the_voxel_values_are_computed_again_only_when_the_field_or_the_table_changes(case):
+    """A held-out evaluation and the training step after it read the same values (kept); any change of a parameter
+    (an optimiser step), a new neighbour table or another field gives values computed afresh, equal to an
+    evaluation from scratch."""
+    data, _, s, field = case
+    field = GaussianField.from_state(field.state())
+    voxels = VoxelNeighbours(*_grid(data))
+    voxels.see(voxels.covered)
+    voxels.refresh(field, MODEL.k_neighbors, "kdtree")
+
+    def fresh(f):
+        return gaussian_sum(voxels.points, voxels.nbr.long(), f.tables(), mode=MODEL.render_mode, delta=MODEL.delta)
+
+    first = voxels.values(field, MODEL)
+    assert voxels.values(field, MODEL) is first
+    torch.testing.assert_close(first, fresh(field))
+    gen = torch.Generator().manual_seed(3)
+    for name in ("means", "log_scales", "quats", "values"):  # each parameter, in place as an optimiser step changes it
+        with torch.no_grad():
+            param = getattr(field, name)
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+        again = voxels.values(field, MODEL)
+        assert again is not first and not torch.equal(again, first)
+        torch.testing.assert_close(again, fresh(field))
+        first = again
+    voxels.refresh(field, MODEL.k_neighbors, "kdtree")  # the means moved: a new table
+    assert voxels.values(field, MODEL) is not first
+    other = GaussianField.from_state(field.state())  # equal parameters, other tensors
+    assert voxels.values(other, MODEL) is not voxels.values(field, MODEL)
+
+
 def _split(data, fraction=0.2):
     held = holdout_slices(data.n_slices, fraction)[data.slice_idx]
     return torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]

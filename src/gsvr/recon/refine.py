@@ -121,7 +121,9 @@ class VoxelNeighbours:
         self.index: Tensor | None = None  # flat grid indices of the voxels evaluated, fixed by the first refresh
         self.points: Tensor | None = None  # [V, 3] their centres (mm)
         self.nbr: Tensor | None = None  # [V, K] int32
-        self._built_from: tuple | None = None  # the means (object, version) and K the table was built for
+        self._built_from: tuple | None = None  # the means (the Parameter), and its version and K, of the table
+        self._tables = 0  # neighbour tables built so far
+        self._values: tuple | None = None  # the field's parameters, their versions and the table, and its values
 
     def see(self, voxels: Tensor) -> None:
         """Add the voxels ``voxels`` (bool, one per grid voxel) to those evaluated (before the first :meth:`refresh`)."""
@@ -137,18 +139,24 @@ class VoxelNeighbours:
             if not len(self.index):
                 raise ValueError("refine: no voxel of the output support is seen by the pixels")
             self.points = self.grid.points(self.covered.device).reshape(-1, 3)[self.index]
-        built_from = (id(field.means), field.means._version, k)
-        if self.nbr is not None and self._built_from == built_from:
+        if self.nbr is not None and _same((field.means,), (field.means._version, k), self._built_from):
             return
         self.nbr = knn_int32(field.means.detach(), self.points, k, backend, chunk)
-        self._built_from = built_from
+        self._tables += 1
+        self._built_from = (field.means,), (field.means._version, k)
 
     def values(self, field: GaussianField, model: ModelConfig) -> Tensor:
-        """The field at the voxels [V] (no gradient)."""
-        with torch.no_grad():
-            packed = pack_tables(field.tables())
-            return torch.cat([gaussian_sum_packed(self.points[c], self.nbr[c].long(), packed, mode=model.render_mode,
-                                                  delta=model.delta) for c in self._chunks(model)])
+        """The field at the voxels [V] (no gradient). Kept until the field's parameters or the table change: a
+        split's held-out evaluation and its next training step ask for the same values."""
+        params = tuple(field.parameters())
+        key = (tuple(p._version for p in params), self._tables, model.render_mode, model.delta)
+        if not _same(params, key, self._values):
+            with torch.no_grad():
+                packed = pack_tables(field.tables())
+                values = torch.cat([gaussian_sum_packed(self.points[c], self.nbr[c].long(), packed, mode=model.render_mode,
+                                                        delta=model.delta) for c in self._chunks(model)])
+            self._values = params, key, values
+        return self._values[2]
 
     def backward(self, field: GaussianField, model: ModelConfig, grad: Tensor) -> None:
         """Accumulate into the field's parameters the gradient of a loss whose gradient in the voxel values is ``grad``
@@ -171,6 +179,12 @@ class VoxelNeighbours:
         docs/results.md section 26)."""
         n, size = len(self.points) if n is None else n, model.chunk_pixels
         return (slice(start, start + size) for start in range(0, n, size))
+
+
+def _same(tensors: tuple, key: tuple, saved: tuple | None) -> bool:
+    """Whether ``saved`` (tensors, key, ...) was made from these very ``tensors`` (the objects, not equal values) and
+    ``key`` (their versions and settings)."""
+    return saved is not None and saved[1] == key and all(a is b for a, b in zip(saved[0], tensors, strict=True))
 
 
 @torch.no_grad()
