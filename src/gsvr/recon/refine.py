@@ -122,8 +122,7 @@ class VoxelNeighbours:
         self.points: Tensor | None = None  # [V, 3] their centres (mm)
         self.nbr: Tensor | None = None  # [V, K] int32
         self._built_from: tuple | None = None  # the means (the Parameter), and its version and K, of the table
-        self._tables = 0  # neighbour tables built so far
-        self._values: tuple | None = None  # the field's parameters, their versions and the table, and its values
+        self._values: tuple | None = None  # (the parameters and the table, their versions and settings, the values)
 
     def see(self, voxels: Tensor) -> None:
         """Add the voxels ``voxels`` (bool, one per grid voxel) to those evaluated (before the first :meth:`refresh`)."""
@@ -142,20 +141,19 @@ class VoxelNeighbours:
         if self.nbr is not None and _same((field.means,), (field.means._version, k), self._built_from):
             return
         self.nbr = knn_int32(field.means.detach(), self.points, k, backend, chunk)
-        self._tables += 1
         self._built_from = (field.means,), (field.means._version, k)
 
     def values(self, field: GaussianField, model: ModelConfig) -> Tensor:
         """The field at the voxels [V] (no gradient). Kept until the field's parameters or the table change: a
         split's held-out evaluation and its next training step ask for the same values."""
         params = tuple(field.parameters())
-        key = (tuple(p._version for p in params), self._tables, model.render_mode, model.delta)
-        if not _same(params, key, self._values):
+        key = (tuple(p._version for p in params), model.render_mode, model.delta)
+        if not _same(params + (self.nbr,), key, self._values):
             with torch.no_grad():
                 packed = pack_tables(field.tables())
                 values = torch.cat([gaussian_sum_packed(self.points[c], self.nbr[c].long(), packed, mode=model.render_mode,
                                                         delta=model.delta) for c in self._chunks(model)])
-            self._values = params, key, values
+            self._values = params + (self.nbr,), key, values
         return self._values[2]
 
     def backward(self, field: GaussianField, model: ModelConfig, grad: Tensor) -> None:
