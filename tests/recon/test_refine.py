@@ -174,6 +174,52 @@ def test_the_voxel_values_are_computed_again_only_when_the_field_or_the_table_ch
     assert voxels.values(other, MODEL) is not voxels.values(field, MODEL)
 
 
+def test_the_gradient_from_what_the_values_kept_equals_the_gradient_evaluated_again(case, monkeypatch):
+    """The backward pass reads what :meth:`VoxelNeighbours.values` kept for it (``for_gradient``), up to
+    ``KEPT_BYTES``; chunks beyond them, or parts kept for parameters changed since, are evaluated again. Every way gives
+    the gradient autograd gives through the plain Gaussian sum, and the backward pass lets go of what was kept."""
+    import gsvr.recon.refine as refine_module
+    data, _, s, field = case
+    model = dataclasses.replace(MODEL, chunk_pixels=64)  # several chunks
+    voxels = VoxelNeighbours(*_grid(data))
+    voxels.see(voxels.covered)
+    voxels.refresh(field, model.k_neighbors, "kdtree")
+    grad = torch.randn(len(voxels.points), generator=torch.Generator().manual_seed(4))
+    grad[::7] = 0.0
+
+    def reference(f):
+        f = GaussianField.from_state(f.state())
+        out = gaussian_sum(voxels.points, voxels.nbr.long(), f.tables(), mode=model.render_mode, delta=model.delta)
+        (out * grad).sum().backward()
+        return [p.grad for p in f.parameters()]
+
+    def through_voxels(f, kept_bytes, change=None):
+        monkeypatch.setattr(refine_module, "KEPT_BYTES", kept_bytes)
+        f = GaussianField.from_state(f.state())
+        voxels.values(f, model, for_gradient=True)
+        n_kept = sum(part is not None for part in voxels._parts)
+        if change is not None:
+            with torch.no_grad():
+                f.values.add_(change)
+        voxels.backward(f, model, grad)
+        assert voxels._parts is None
+        return [p.grad for p in f.parameters()], f, n_kept
+
+    n_chunks = -(-len(voxels.points) // model.chunk_pixels)
+    assert n_chunks > 2
+    per_chunk = model.chunk_pixels * model.k_neighbors * 32  # the [P, K] parts alone
+    every, _, n_every = through_voxels(field, 2**40)
+    half, _, n_half = through_voxels(field, per_chunk * (n_chunks // 2))
+    none, _, n_none = through_voxels(field, 0)
+    assert (n_every, n_none) == (n_chunks, 0) and 0 < n_half < n_chunks
+    for a, b, c, ref in zip(every, half, none, reference(field), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+        torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    stale, changed, _ = through_voxels(field, 2**40, change=0.1)  # the parameters moved after the values were kept
+    for a, ref in zip(stale, reference(changed), strict=True):
+        torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
 def _split(data, fraction=0.2):
     held = holdout_slices(data.n_slices, fraction)[data.slice_idx]
     return torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]

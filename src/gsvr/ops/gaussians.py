@@ -20,6 +20,7 @@ reference in tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -197,51 +198,76 @@ def pack_tables(tables: PairTables) -> Tensor:
     return torch.cat([tables.mean, tables.precision, tables.weight[:, None]], dim=1)
 
 
-class _PackedGaussianSum(torch.autograd.Function):
-    """Forward and hand-written backward of :func:`gaussian_sum` on a packed table.
+class SumParts(NamedTuple):
+    """A packed Gaussian sum over [P] points and what its gradient needs (:func:`gaussian_sum_parts`)."""
 
-    One gather of [P, K, 10] rows forward, one index_add_ of [P, K, 10] rows backward.
-    With e = v^T P v (P symmetric): de/dv = 2 P v, de/dP_aa = v_a^2, de/dP_ab = 2 v_a v_b.
-    """
+    out: Tensor  #: [P] the sum
+    den: Tensor | None  #: [P] its denominator (``normalized`` mode; None in ``exact``)
+    weight: Tensor  #: [P, K] the neighbours' weights
+    v: Tensor  #: [P, K, 3] x - mean
+    pv: Tensor  #: [P, K, 3] precision @ v
+    w: Tensor  #: [P, K] exp(-v^T P v / 2)
+
+
+def gaussian_sum_parts(x: Tensor, nbr: Tensor, packed: Tensor, *, mode: str, delta: float = 1e-4) -> SumParts:
+    """:func:`gaussian_sum_packed` without autograd, with the intermediates its gradient needs: a caller that asks
+    for the gradient later (:func:`gaussian_sum_parts_backward`) does not evaluate the sum again."""
+    rows = packed.index_select(0, nbr.reshape(-1)).reshape(*nbr.shape, PACKED_WIDTH)  # [P, K, 10]
+    v = x[:, None, :] - rows[..., 0:3]  # [P, K, 3]
+    v0, v1, v2 = v.unbind(-1)
+    p00, p11, p22, p01, p02, p12, weight = rows[..., 3:].unbind(-1)
+    pv = torch.stack([p00 * v0 + p01 * v1 + p02 * v2, p01 * v0 + p11 * v1 + p12 * v2, p02 * v0 + p12 * v1 + p22 * v2], -1)
+    w = torch.exp(-0.5 * (v * pv).sum(-1))  # [P, K]
+    num = (weight * w).sum(-1)
+    if mode != "normalized":
+        return SumParts(num, None, weight.contiguous(), v, pv, w)
+    den = w.sum(-1) + delta
+    return SumParts(num / den, den, weight.contiguous(), v, pv, w)
+
+
+def gaussian_sum_parts_backward(parts: SumParts, nbr: Tensor, grad_out: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """The gradients in the points [P, 3] and in the packed table [n_rows, 10] of a loss whose gradient in the sum
+    :func:`gaussian_sum_parts` returned as ``parts`` (with the neighbours ``nbr`` [P, K]) is ``grad_out`` [P].
+
+    With e = v^T P v (P symmetric): de/dv = 2 P v, de/dP_aa = v_a^2, de/dP_ab = 2 v_a v_b."""
+    if parts.den is not None:  # normalized
+        g = (grad_out / parts.den)[:, None]
+        g_w = g * (parts.weight - parts.out[:, None])
+    else:
+        g = grad_out[:, None]
+        g_w = g * parts.weight
+    w, v = parts.w, parts.v
+    h = -0.5 * g_w * w  # dL/de  [P, K]
+    # The rows' gradients written in place (no gather over the last dimension, no concatenation): the mean's
+    # -dL/dv = -2 h P v, the precision's h v_a v_b (twice off the diagonal), the weight's g w.
+    rows = torch.empty(*w.shape, PACKED_WIDTH, dtype=w.dtype, device=w.device)
+    rows[..., 0:3] = parts.pv * (-2.0 * h)[..., None]
+    v0, v1, v2 = v.unbind(-1)
+    hv0, hv1 = h * v0, h * v1
+    rows[..., 3], rows[..., 4], rows[..., 5] = hv0 * v0, hv1 * v1, h * v2 * v2
+    rows[..., 6], rows[..., 7], rows[..., 8] = 2.0 * hv0 * v1, 2.0 * hv0 * v2, 2.0 * hv1 * v2
+    rows[..., 9] = g * w
+    g_packed = torch.zeros(n_rows, PACKED_WIDTH, dtype=rows.dtype, device=rows.device)
+    g_packed.index_add_(0, nbr.reshape(-1), rows.reshape(-1, PACKED_WIDTH))
+    return -rows[..., 0:3].sum(1), g_packed
+
+
+class _PackedGaussianSum(torch.autograd.Function):
+    """Forward and hand-written backward of :func:`gaussian_sum` on a packed table: one gather of [P, K, 10] rows
+    forward, one index_add_ of [P, K, 10] rows backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, packed: Tensor, nbr: Tensor, normalized: bool, delta: float) -> Tensor:
-        rows = packed.index_select(0, nbr.reshape(-1)).reshape(*nbr.shape, PACKED_WIDTH)  # [P, K, 10]
-        v = x[:, None, :] - rows[..., 0:3]  # [P, K, 3]
-        v0, v1, v2 = v.unbind(-1)
-        p00, p11, p22, p01, p02, p12, weight = rows[..., 3:].unbind(-1)
-        pv = torch.stack([p00 * v0 + p01 * v1 + p02 * v2, p01 * v0 + p11 * v1 + p12 * v2, p02 * v0 + p12 * v1 + p22 * v2], -1)
-        w = torch.exp(-0.5 * (v * pv).sum(-1))  # [P, K]
-        num = (weight * w).sum(-1)
-        den = w.sum(-1) + delta if normalized else None
-        out = num / den if normalized else num
-        ctx.normalized = normalized
-        ctx.n_rows = packed.shape[0]
-        ctx.save_for_backward(nbr, v, pv, w, weight.contiguous(), out, den if normalized else out)
-        return out
+        parts = gaussian_sum_parts(x, nbr, packed, mode="normalized" if normalized else "exact", delta=delta)
+        ctx.n_rows, ctx.normalized = packed.shape[0], normalized
+        ctx.save_for_backward(nbr, *parts[2:], parts.out, parts.den if normalized else parts.out)
+        return parts.out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        nbr, v, pv, w, weight, out, den = ctx.saved_tensors
-        if ctx.normalized:
-            g = (grad_out / den)[:, None]
-            g_w = g * (weight - out[:, None])
-        else:
-            g = grad_out[:, None]
-            g_w = g * weight
-        h = -0.5 * g_w * w  # dL/de  [P, K]
-        # The rows' gradients written in place (no gather over the last dimension, no concatenation): the mean's
-        # -dL/dv = -2 h P v, the precision's h v_a v_b (twice off the diagonal), the weight's g w.
-        rows = torch.empty(*w.shape, PACKED_WIDTH, dtype=w.dtype, device=w.device)
-        rows[..., 0:3] = pv * (-2.0 * h)[..., None]
-        v0, v1, v2 = v.unbind(-1)
-        hv0, hv1 = h * v0, h * v1
-        rows[..., 3], rows[..., 4], rows[..., 5] = hv0 * v0, hv1 * v1, h * v2 * v2
-        rows[..., 6], rows[..., 7], rows[..., 8] = 2.0 * hv0 * v1, 2.0 * hv0 * v2, 2.0 * hv1 * v2
-        rows[..., 9] = g * w
-        g_packed = torch.zeros(ctx.n_rows, PACKED_WIDTH, dtype=rows.dtype, device=rows.device)
-        g_packed.index_add_(0, nbr.reshape(-1), rows.reshape(-1, PACKED_WIDTH))
-        return -rows[..., 0:3].sum(1), g_packed, None, None, None
+        nbr, weight, v, pv, w, out, den = ctx.saved_tensors
+        parts = SumParts(out, den if ctx.normalized else None, weight, v, pv, w)
+        return *gaussian_sum_parts_backward(parts, nbr, grad_out, ctx.n_rows), None, None, None
 
 
 def gaussian_sum_packed(x: Tensor, nbr: Tensor, packed: Tensor, *, mode: str, delta: float = 1e-4) -> Tensor:

@@ -28,13 +28,18 @@ from torch import Tensor
 
 from gsvr.geometry import matrix_to_axis_angle
 from gsvr.model.field import GaussianField
-from gsvr.ops.gaussians import gaussian_sum_packed, pack_tables
+from gsvr.ops.gaussians import gaussian_sum_packed, gaussian_sum_parts, gaussian_sum_parts_backward, pack_tables
 from gsvr.ops.knn import knn
 from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.config import ModelConfig, RefineConfig, SvrSettings
 from gsvr.recon.slices import SliceData, SliceMotion
 from gsvr.recon.registration import register
 from gsvr.recon.svr import SliceOperator, fit_scales_and_residuals, psf_quadrature, step_sample
+
+#: Most bytes :meth:`VoxelNeighbours.values` keeps for the gradient (32 bytes per voxel and neighbour): a chunk beyond
+#: them is evaluated again by the backward pass. 512 MiB hold about 500 000 voxels at K = 32, a fetal brain's support
+#: at 0.8 mm.
+KEPT_BYTES = 512 * 2**20
 
 
 def holdout_slices(n_slices: int, fraction: float) -> Tensor:
@@ -123,6 +128,7 @@ class VoxelNeighbours:
         self.nbr: Tensor | None = None  # [V, K] int32
         self._built_from: tuple | None = None  # the means (the Parameter), and its version and K, of the table
         self._values: tuple | None = None  # (the parameters and the table, their versions and settings, the values)
+        self._parts: list | None = None  # per chunk, what the gradient needs of the values (None: not kept)
 
     def see(self, voxels: Tensor) -> None:
         """Add the voxels ``voxels`` (bool, one per grid voxel) to those evaluated (before the first :meth:`refresh`)."""
@@ -143,40 +149,63 @@ class VoxelNeighbours:
         self.nbr = knn_int32(field.means.detach(), self.points, k, backend, chunk)
         self._built_from = (field.means,), (field.means._version, k)
 
-    def values(self, field: GaussianField, model: ModelConfig) -> Tensor:
+    def values(self, field: GaussianField, model: ModelConfig, *, for_gradient: bool = False) -> Tensor:
         """The field at the voxels [V] (no gradient). Kept until the field's parameters or the table change: a
-        split's held-out evaluation and its next training step ask for the same values."""
+        split's held-out evaluation and its next training step ask for the same values. ``for_gradient``: keep also
+        what :meth:`backward` needs (within ``KEPT_BYTES``), so it does not evaluate the field again."""
+        if self._current(field, model) and (self._parts is not None or not for_gradient):
+            return self._values[2]
+        self._values = self._parts = None  # freed before they are computed again
+        outs, kept, size = [], [], 0
+        with torch.no_grad():
+            packed = pack_tables(field.tables())
+            for c in self._chunks(model):
+                parts = gaussian_sum_parts(self.points[c], self.nbr[c].long(), packed, mode=model.render_mode,
+                                           delta=model.delta)
+                outs.append(parts.out)
+                nbytes = sum(t.numel() * t.element_size() for t in parts if t is not None)
+                keep = for_gradient and size + nbytes <= KEPT_BYTES
+                kept.append(parts if keep else None)
+                size += nbytes if keep else 0
         params = tuple(field.parameters())
-        key = (tuple(p._version for p in params), model.render_mode, model.delta)
-        if not _same(params + (self.nbr,), key, self._values):
-            with torch.no_grad():
-                packed = pack_tables(field.tables())
-                values = torch.cat([gaussian_sum_packed(self.points[c], self.nbr[c].long(), packed, mode=model.render_mode,
-                                                        delta=model.delta) for c in self._chunks(model)])
-            self._values = params + (self.nbr,), key, values
+        self._values = params + (self.nbr,), self._key(params, model), torch.cat(outs)
+        self._parts = kept if for_gradient else None
         return self._values[2]
 
     def backward(self, field: GaussianField, model: ModelConfig, grad: Tensor) -> None:
         """Accumulate into the field's parameters the gradient of a loss whose gradient in the voxel values is ``grad``
-        [V]; the voxels with a non-zero one are evaluated again with autograd, chunk by chunk, so no graph of all voxels
-        is held."""
-        active = torch.nonzero(grad)[:, 0]
-        if not len(active):
-            return
+        [V], chunk by chunk from what :meth:`values` kept (``for_gradient``); a chunk it did not keep is evaluated
+        again, one without a non-zero gradient skipped."""
+        kept = self._parts if self._parts is not None and self._current(field, model) else None
+        self._parts = None  # the parameters change next
+        if kept is None:
+            kept = [None] * math.ceil(len(self.points) / model.chunk_pixels)
         packed = pack_tables(field.tables())
-        leaf = packed.detach().requires_grad_(True)
-        for c in self._chunks(model, len(active)):
-            v = active[c]
-            out = gaussian_sum_packed(self.points[v], self.nbr[v].long(), leaf, mode=model.render_mode, delta=model.delta)
-            (out * grad[v]).sum().backward()
-        packed.backward(leaf.grad)
+        table = packed.detach()
+        total = torch.zeros_like(table)
+        for c, parts in zip(self._chunks(model), kept, strict=True):
+            if not grad[c].any():
+                continue
+            nbr = self.nbr[c].long()
+            if parts is None:
+                parts = gaussian_sum_parts(self.points[c], nbr, table, mode=model.render_mode, delta=model.delta)
+            total += gaussian_sum_parts_backward(parts, nbr, grad[c], len(table))[1]
+        packed.backward(total)
 
-    def _chunks(self, model: ModelConfig, n: int | None = None):
-        """Slices of ``n`` (all voxels) items, ``model.chunk_pixels`` at a time, as the fit stage chunks its voxels (a
-        chunk's [P, K, 10] neighbour rows then stay in the CPU's cache: four times as many took twice as long per voxel,
+    def _chunks(self, model: ModelConfig):
+        """Slices of the voxels, ``model.chunk_pixels`` at a time, as the fit stage chunks its voxels (a chunk's
+        [P, K, 10] neighbour rows then stay in the CPU's cache: four times as many took twice as long per voxel,
         docs/results.md section 26)."""
-        n, size = len(self.points) if n is None else n, model.chunk_pixels
-        return (slice(start, start + size) for start in range(0, n, size))
+        return (slice(start, start + model.chunk_pixels) for start in range(0, len(self.points), model.chunk_pixels))
+
+    @staticmethod
+    def _key(params: tuple, model: ModelConfig) -> tuple:
+        return tuple(p._version for p in params), model.render_mode, model.delta
+
+    def _current(self, field: GaussianField, model: ModelConfig) -> bool:
+        """Whether the values kept are those of ``field``'s parameters now, on this table and model."""
+        params = tuple(field.parameters())
+        return _same(params + (self.nbr,), self._key(params, model), self._values)
 
 
 def _same(tensors: tuple, key: tuple, saved: tuple | None) -> bool:
@@ -248,7 +277,7 @@ class GridQuadrature:
         vox = self.voxels
         with torch.no_grad():
             volume = torch.zeros(vox.grid.shape, device=self.y.device).reshape(-1)
-            volume[vox.index] = vox.values(field, model)
+            volume[vox.index] = vox.values(field, model, for_gradient=backward)
             res = self.scale * self.op.forward(volume) - self.y
             w = self.w
             if rows is not None:
