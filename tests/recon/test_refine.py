@@ -174,18 +174,22 @@ def test_the_voxel_values_are_computed_again_only_when_the_field_or_the_table_ch
     assert voxels.values(other, MODEL) is not voxels.values(field, MODEL)
 
 
-def test_the_gradient_from_what_the_values_kept_equals_the_gradient_evaluated_again(case, monkeypatch):
+@pytest.mark.parametrize("mode", ["normalized", "exact"])
+def test_the_gradient_from_what_the_values_kept_equals_the_gradient_evaluated_again(case, monkeypatch, mode):
     """The backward pass reads what :meth:`VoxelNeighbours.values` kept for it (``for_gradient``), up to
-    ``KEPT_BYTES``; chunks beyond them, or parts kept for parameters changed since, are evaluated again. Every way gives
-    the gradient autograd gives through the plain Gaussian sum, and the backward pass lets go of what was kept."""
+    ``KEPT_BYTES``, without evaluating the field again; chunks beyond them, or parts kept for parameters changed since,
+    are evaluated again. Every way gives the gradient autograd gives through the plain Gaussian sum, and the backward
+    pass lets go of what was kept."""
     import gsvr.recon.refine as refine_module
     data, _, s, field = case
-    model = dataclasses.replace(MODEL, chunk_pixels=64)  # several chunks
+    model = dataclasses.replace(MODEL, chunk_pixels=64, render_mode=mode)  # several chunks
     voxels = VoxelNeighbours(*_grid(data))
     voxels.see(voxels.covered)
     voxels.refresh(field, model.k_neighbors, "kdtree")
     grad = torch.randn(len(voxels.points), generator=torch.Generator().manual_seed(4))
     grad[::7] = 0.0
+    n_chunks = -(-len(voxels.points) // model.chunk_pixels)
+    assert n_chunks > 2
 
     def reference(f):
         f = GaussianField.from_state(f.state())
@@ -201,13 +205,14 @@ def test_the_gradient_from_what_the_values_kept_equals_the_gradient_evaluated_ag
         if change is not None:
             with torch.no_grad():
                 f.values.add_(change)
-        voxels.backward(f, model, grad)
+        with monkeypatch.context() as m:
+            if n_kept == n_chunks and change is None:  # all kept: the backward must not evaluate the field again
+                m.setattr(refine_module, "gaussian_sum_parts", None)
+            voxels.backward(f, model, grad)
         assert voxels._parts is None
         return [p.grad for p in f.parameters()], f, n_kept
 
-    n_chunks = -(-len(voxels.points) // model.chunk_pixels)
-    assert n_chunks > 2
-    per_chunk = model.chunk_pixels * model.k_neighbors * 32  # the [P, K] parts alone
+    per_chunk = model.chunk_pixels * (model.k_neighbors * 32 + 8)  # the [P, K] parts, the sum and its denominator
     every, _, n_every = through_voxels(field, 2**40)
     half, _, n_half = through_voxels(field, per_chunk * (n_chunks // 2))
     none, _, n_none = through_voxels(field, 0)

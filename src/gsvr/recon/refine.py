@@ -150,9 +150,9 @@ class VoxelNeighbours:
         self._built_from = (field.means,), (field.means._version, k)
 
     def values(self, field: GaussianField, model: ModelConfig, *, for_gradient: bool = False) -> Tensor:
-        """The field at the voxels [V] (no gradient). Kept until the field's parameters or the table change: a
-        split's held-out evaluation and its next training step ask for the same values. ``for_gradient``: keep also
-        what :meth:`backward` needs (within ``KEPT_BYTES``), so it does not evaluate the field again."""
+        """The field at the voxels [V] (no gradient), kept until the field's parameters or the table change.
+        ``for_gradient`` (a training step): keep also what :meth:`backward` needs (within ``KEPT_BYTES``), so it does
+        not evaluate the field again; values kept without it (a held-out evaluation) are then computed again."""
         if self._current(field, model) and (self._parts is not None or not for_gradient):
             return self._values[2]
         self._values = self._parts = None  # freed before they are computed again
@@ -178,12 +178,15 @@ class VoxelNeighbours:
         again, one without a non-zero gradient skipped."""
         kept = self._parts if self._parts is not None and self._current(field, model) else None
         self._parts = None  # the parameters change next
+        if not grad.any():  # no gradient at all: the parameters' gradients stay unset
+            return
         if kept is None:
             kept = [None] * math.ceil(len(self.points) / model.chunk_pixels)
         packed = pack_tables(field.tables())
         table = packed.detach()
         total = torch.zeros_like(table)
-        for c, parts in zip(self._chunks(model), kept, strict=True):
+        for i, c in enumerate(self._chunks(model)):
+            parts, kept[i] = kept[i], None  # each chunk's parts let go of once used
             if not grad[c].any():
                 continue
             nbr = self.nbr[c].long()
