@@ -260,7 +260,8 @@ class _PackedGaussianSum(torch.autograd.Function):
     def forward(ctx, x: Tensor, packed: Tensor, nbr: Tensor, normalized: bool, delta: float) -> Tensor:
         parts = gaussian_sum_parts(x, nbr, packed, mode="normalized" if normalized else "exact", delta=delta)
         ctx.n_rows, ctx.normalized = packed.shape[0], normalized
-        ctx.save_for_backward(nbr, *parts[2:], parts.out, parts.den if normalized else parts.out)
+        ctx.save_for_backward(nbr, parts.weight, parts.v, parts.pv, parts.w, parts.out,
+                              parts.den if normalized else parts.out)  # tensors only: out stands in for den
         return parts.out
 
     @staticmethod
