@@ -34,6 +34,10 @@ def test_the_state_round_trip_gives_the_same_parameters_and_samples(mode):
         assert torch.equal(getattr(again, name), getattr(field, name)), name
     pts = (torch.rand(500, 3, generator=torch.Generator().manual_seed(1)) - 0.5) * 20
     assert torch.equal(again.sample(pts, k=16), field.sample(pts, k=16))
+    with torch.no_grad():  # a snapshot: a step on the copy leaves the field it came from as it was
+        again.values.add_(1.0)
+        again.means.add_(1.0)
+    assert not torch.equal(again.values, field.values) and not torch.equal(again.means, field.means)
 
 
 def test_the_state_is_detached_on_the_cpu_and_float32():

@@ -83,11 +83,12 @@ class GaussianField(nn.Module):
         return out
 
     def state(self) -> dict:
+        """A snapshot of the field on the CPU (copies: later steps do not change it, nor does a field made from it)."""
         return {
-            "means": self.means.detach().cpu(),
-            "log_scales": self.log_scales.detach().cpu(),
-            "quats": self.quats.detach().cpu(),
-            "values": self.values.detach().cpu(),
+            "means": self.means.detach().to("cpu", copy=True),
+            "log_scales": self.log_scales.detach().to("cpu", copy=True),
+            "quats": self.quats.detach().to("cpu", copy=True),
+            "values": self.values.detach().to("cpu", copy=True),
             "mode": self.mode,
             "intensity": self.intensity,
         }
