@@ -255,6 +255,47 @@ def test_refinement_stops_at_once_where_every_step_overfits(case, kind):
     assert best == 0
     assert [step for step, _ in evaluations] == [0, 2, 4]  # two evaluations without a new minimum, then stop
     assert evaluations[1][1] > evaluations[0][1] and evaluations[2][1] > evaluations[0][1]
+    if kind == "grid":  # the last evaluation kept parts for a step that did not follow: let go of
+        assert held.voxels._parts is None
+
+
+def test_a_held_out_evaluation_and_the_training_step_after_it_evaluate_the_field_once(case, monkeypatch):
+    """Through the grid, the held-out and training quadratures share the voxels: the held-out evaluation before a step
+    keeps what the step's gradient needs, so the field is evaluated once per step (and once more at the last
+    evaluation, which no step follows), and the refinement is the same to the bit as when every evaluation computes
+    the field again."""
+    import gsvr.recon.refine as refine_module
+    data, motion, s, field = case
+    model = dataclasses.replace(MODEL, chunk_pixels=256)
+    train, test = _split(data)
+    cfg = RefineConfig(max_steps=4, every=2, patience=10)
+    calls = [0]
+    parts = refine_module.gaussian_sum_parts
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return parts(*args, **kwargs)
+
+    monkeypatch.setattr(refine_module, "gaussian_sum_parts", counted)
+
+    def run():
+        f = GaussianField.from_state(field.state())
+        fit, held = _quadratures("grid", data, motion, s, train, test, torch.ones(data.n_pixels))
+        calls[0] = 0
+        errors = []
+        refine_field(f, fit, cfg, model, k=model.k_neighbors, steps=cfg.max_steps, held=held,
+                     on_held=lambda step, e: errors.append(e))
+        assert held.voxels._parts is None
+        return f, errors, calls[0] // -(-len(held.voxels.points) // model.chunk_pixels)
+
+    kept, kept_errors, kept_evaluations = run()
+    error = GridQuadrature.error
+    monkeypatch.setattr(GridQuadrature, "error", lambda self, *a, keep=False, **kw: error(self, *a, **kw))
+    again, again_errors, again_evaluations = run()
+    assert (kept_evaluations, again_evaluations) == (4 + 1, 4 + 3)  # steps (+ the last evaluation), steps + evaluations
+    assert kept_errors == again_errors
+    for a, b in zip(kept.parameters(), again.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("kind", ["grid", "nodes"])

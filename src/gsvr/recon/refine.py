@@ -88,9 +88,11 @@ class PsfQuadrature:
         nodes = self.points.reshape(-1, 3)
         self.nbr = knn_int32(field.means.detach(), nodes, k, backend, chunk).reshape(p, n_nodes, k)
 
-    def error(self, field: GaussianField, model: ModelConfig, rows: Tensor | None = None, *, backward: bool = False) -> float:
+    def error(self, field: GaussianField, model: ModelConfig, rows: Tensor | None = None, *, backward: bool = False,
+              keep: bool = False) -> float:
         """sum w (prediction - y)^2 / sum w over the pixels ``rows`` (all when None), chunk by chunk; with ``backward``
-        its gradient is accumulated into the field's parameters."""
+        its gradient is accumulated into the field's parameters. (``keep`` is :class:`GridQuadrature`'s: nothing is kept
+        here between calls.)"""
         rows = torch.arange(self.n, device=self.y.device) if rows is None else rows
         total = self.w[rows].sum().clamp_min(1e-12)
         with torch.set_grad_enabled(backward):
@@ -110,6 +112,9 @@ class PsfQuadrature:
             if backward:
                 packed.backward(leaf.grad)
         return value
+
+    def release(self) -> None:
+        """Nothing to let go of (see :meth:`GridQuadrature.release`)."""
 
 
 class VoxelNeighbours:
@@ -171,6 +176,10 @@ class VoxelNeighbours:
         self._values = params + (self.nbr,), self._key(params, model), torch.cat(outs)
         self._parts = kept if for_gradient else None
         return self._values[2]
+
+    def release(self) -> None:
+        """Let go of what :meth:`values` kept for the gradient (the values stay)."""
+        self._parts = None
 
     def backward(self, field: GaussianField, model: ModelConfig, grad: Tensor) -> None:
         """Accumulate into the field's parameters the gradient of a loss whose gradient in the voxel values is ``grad``
@@ -275,12 +284,15 @@ class GridQuadrature:
         if self.owns or self.voxels.nbr is None:
             self.voxels.refresh(field, k, backend)
 
-    def error(self, field: GaussianField, model: ModelConfig, rows: Tensor | None = None, *, backward: bool = False) -> float:
-        """As :meth:`PsfQuadrature.error`."""
+    def error(self, field: GaussianField, model: ModelConfig, rows: Tensor | None = None, *, backward: bool = False,
+              keep: bool = False) -> float:
+        """As :meth:`PsfQuadrature.error`. ``keep``: a training step at these parameters follows (a held-out evaluation
+        before one): keep what its gradient needs of the values, which the step then reads instead of evaluating the
+        field again (:meth:`release` lets go of them when no step follows after all)."""
         vox = self.voxels
         with torch.no_grad():
             volume = torch.zeros(vox.grid.shape, device=self.y.device).reshape(-1)
-            volume[vox.index] = vox.values(field, model, for_gradient=backward)
+            volume[vox.index] = vox.values(field, model, for_gradient=backward or keep)
             res = self.scale * self.op.forward(volume) - self.y
             w = self.w
             if rows is not None:
@@ -292,6 +304,10 @@ class GridQuadrature:
                 grad = self.op.adjoint(2.0 * w * res * self.scale / total).reshape(-1)[vox.index]
             vox.backward(field, model, grad)
         return value
+
+    def release(self) -> None:
+        """Let go of what a ``keep`` evaluation kept for a training step that did not follow."""
+        self.voxels.release()
 
 
 def refine_field(field: GaussianField, train: PsfQuadrature | GridQuadrature, cfg: RefineConfig, model: ModelConfig, *,
@@ -312,7 +328,8 @@ def refine_field(field: GaussianField, train: PsfQuadrature | GridQuadrature, cf
     for step in range(steps + 1):
         if held is not None and (step % cfg.every == 0 or step == steps):
             held.refresh(field, k, model.knn_backend)
-            err = held.error(field, model)
+            # (a quadrature sharing the training pixels' voxels keeps what the step after it needs of their values)
+            err = held.error(field, model, keep=step < steps)
             if on_held is not None:
                 on_held(step, err)
             if err < best:
@@ -320,6 +337,7 @@ def refine_field(field: GaussianField, train: PsfQuadrature | GridQuadrature, cf
             else:
                 stale += 1
                 if stale >= cfg.patience:
+                    held.release()
                     break
         if step == steps:
             break
