@@ -223,6 +223,15 @@ def test_the_gradient_from_what_the_values_kept_equals_the_gradient_evaluated_ag
     stale, changed, _ = through_voxels(field, 2**40, change=0.1)  # the parameters moved after the values were kept
     for a, ref in zip(stale, reference(changed), strict=True):
         torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    moved = GaussianField.from_state(field.state())  # a new neighbour table: the scatter of the old one is not used
+    with torch.no_grad():
+        moved.means.add_(torch.randn(moved.means.shape, generator=torch.Generator().manual_seed(5)))
+    old_nbr = voxels.nbr
+    voxels.refresh(moved, model.k_neighbors, "kdtree")
+    assert not torch.equal(voxels.nbr, old_nbr)
+    after, _, _ = through_voxels(moved, 2**40)
+    for a, ref in zip(after, reference(moved), strict=True):
+        torch.testing.assert_close(a, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
 def _split(data, fraction=0.2):

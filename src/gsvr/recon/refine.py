@@ -28,7 +28,8 @@ from torch import Tensor
 
 from gsvr.geometry import matrix_to_axis_angle
 from gsvr.model.field import GaussianField
-from gsvr.ops.gaussians import gaussian_sum_packed, gaussian_sum_parts, gaussian_sum_parts_backward, pack_tables
+from gsvr.ops.gaussians import (PACKED_WIDTH, gaussian_sum_packed, gaussian_sum_parts, gaussian_sum_row_grads, pack_tables,
+                                scatter_matrix)
 from gsvr.ops.knn import knn
 from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.config import ModelConfig, RefineConfig, SvrSettings
@@ -134,6 +135,7 @@ class VoxelNeighbours:
         self._built_from: tuple | None = None  # the means (the Parameter), and its version and K, of the table
         self._values: tuple | None = None  # (the parameters and the table, their versions and settings, the values)
         self._parts: list | None = None  # per chunk, what the gradient needs of the values (None: not kept)
+        self._scatter: tuple | None = None  # (chunk size, per chunk its table's ScatterMatrix or None), of this table
 
     def see(self, voxels: Tensor) -> None:
         """Add the voxels ``voxels`` (bool, one per grid voxel) to those evaluated (before the first :meth:`refresh`)."""
@@ -153,6 +155,7 @@ class VoxelNeighbours:
             return
         self.nbr = knn_int32(field.means.detach(), self.points, k, backend, chunk)
         self._built_from = (field.means,), (field.means._version, k)
+        self._scatter = None
 
     def values(self, field: GaussianField, model: ModelConfig, *, for_gradient: bool = False) -> Tensor:
         """The field at the voxels [V] (no gradient), kept until the field's parameters or the table change.
@@ -184,24 +187,38 @@ class VoxelNeighbours:
     def backward(self, field: GaussianField, model: ModelConfig, grad: Tensor) -> None:
         """Accumulate into the field's parameters the gradient of a loss whose gradient in the voxel values is ``grad``
         [V], chunk by chunk from what :meth:`values` kept (``for_gradient``); a chunk it did not keep is evaluated
-        again, one without a non-zero gradient skipped."""
+        again, one without a non-zero gradient skipped. On the CPU each chunk's rows are added into the table by the
+        sparse matrix of its neighbours (:func:`gsvr.ops.gaussians.scatter_matrix`, built at the first backward of a table):
+        the same sums as index_add_, in a third of the time."""
         kept = self._parts if self._parts is not None and self._current(field, model) else None
         self._parts = None  # the parameters change next
         if not grad.any():  # no gradient at all: the parameters' gradients stay unset
             return
+        n_chunks = math.ceil(len(self.points) / model.chunk_pixels)
         if kept is None:
-            kept = [None] * math.ceil(len(self.points) / model.chunk_pixels)
+            kept = [None] * n_chunks
+        on_cpu = self.nbr.device.type == "cpu"
+        if on_cpu and (self._scatter is None or self._scatter[0] != model.chunk_pixels):
+            self._scatter = model.chunk_pixels, [None] * n_chunks
         packed = pack_tables(field.tables())
         table = packed.detach()
         total = torch.zeros_like(table)
+        ones = torch.ones(model.chunk_pixels * self.nbr.shape[1]) if on_cpu else None
         for i, c in enumerate(self._chunks(model)):
             parts, kept[i] = kept[i], None  # each chunk's parts let go of once used
             if not grad[c].any():
                 continue
-            nbr = self.nbr[c].long()
             if parts is None:
-                parts = gaussian_sum_parts(self.points[c], nbr, table, mode=model.render_mode, delta=model.delta)
-            total += gaussian_sum_parts_backward(parts, nbr, grad[c], len(table))[1]
+                parts = gaussian_sum_parts(self.points[c], self.nbr[c].long(), table, mode=model.render_mode,
+                                           delta=model.delta)
+            rows = gaussian_sum_row_grads(parts, grad[c]).reshape(-1, PACKED_WIDTH)
+            if not on_cpu:
+                total.index_add_(0, self.nbr[c].reshape(-1).long(), rows)
+                continue
+            scatter = self._scatter[1]
+            if scatter[i] is None:
+                scatter[i] = scatter_matrix(self.nbr[c].reshape(-1).long(), ones)
+            total.index_add_(0, scatter[i].rows, scatter[i].matrix @ rows)
         packed.backward(total)
 
     def _chunks(self, model: ModelConfig):
