@@ -9,7 +9,7 @@ from gsvr.ops.gaussians import (
     pack_tables,
     pair_tables,
     render_reference,
-    scatter_matrix,
+    scatter_matrices,
     unique_pairs,
 )
 from gsvr.ops.psf import psf_covariance_world, psf_sigmas_mm
@@ -113,19 +113,16 @@ def test_unique_pairs_index_back_to_the_same_pairs():
     assert len(ps) == 7  # (0,1) (0,2) (0,3) (1,1) (1,3) (2,0) (2,3)
 
 
-@pytest.mark.parametrize("with_ones", [False, True])
-def test_the_scatter_matrix_adds_what_index_add_adds(with_ones):
-    """Every entry into its index's row, repeated indices summed, untouched rows left alone: each row's sum is index_add_'s
-    into zeros to the bit (the same additions in the same order), then added to the row. With shared ``ones`` longer
-    than the index, its head serves."""
+def test_the_scatter_matrices_add_what_index_add_adds():
+    """Per chunk of rows of the index: every entry into its index's row, repeated indices summed, other rows zero: the
+    sums of index_add_ into zeros to the bit (the same additions in the same order). The last chunk is shorter."""
     g = torch.Generator().manual_seed(3)
-    index = torch.randint(0, 300, (5000,), generator=g)
-    index[::50] = 7  # one row with many entries
-    x = torch.randn(5000, 10, generator=g)
-    out = torch.randn(400, 10, generator=g)
-    m = scatter_matrix(index, torch.ones(6000) if with_ones else None)
-    assert torch.equal(m.rows, torch.unique(index)) and m.matrix.shape == (len(m.rows), 5000)
-    assert m.matrix.col_indices().dtype == torch.int32
-    want = out + torch.zeros_like(out).index_add_(0, index, x)
-    got = out.clone().index_add_(0, m.rows, m.matrix @ x)
-    assert torch.equal(got, want)
+    index = torch.randint(0, 300, (500, 8), generator=g)
+    index[::5, 0] = 7  # one row with many entries
+    x = torch.randn(500, 8, 10, generator=g)
+    matrices = scatter_matrices(index, 400, 120)
+    assert len(matrices) == 5
+    for i, m in enumerate(matrices):
+        idx, xi = index[120 * i : 120 * (i + 1)].reshape(-1), x[120 * i : 120 * (i + 1)].reshape(-1, 10)
+        assert m.shape == (400, len(idx)) and m.col_indices().dtype == torch.int32
+        assert torch.equal(m @ xi, torch.zeros(400, 10).index_add_(0, idx, xi))

@@ -261,31 +261,33 @@ def gaussian_sum_parts_backward(parts: SumParts, nbr: Tensor, grad_out: Tensor, 
     return -rows[..., 0:3].sum(1), g_packed
 
 
-class ScatterMatrix(NamedTuple):
-    """``out.index_add_(0, index, x)`` as a sparse matrix (:func:`scatter_matrix`)."""
+def scatter_matrices(index: Tensor, n_rows: int, chunk: int) -> list[Tensor]:
+    """The scatter-adds of ``index`` [V, K] into ``n_rows`` rows, ``chunk`` rows of it at a time, as [n_rows, n] sparse
+    matrices (CSR, int32 indices, unit values; n the entries of a chunk, in their row-major order): ``m @ x`` sums the
+    x[i] of each index in the order of i, the same sums to the bit as ``zeros.index_add_(0, index_chunk.reshape(-1),
+    x)`` on the CPU.
 
-    rows: Tensor  #: [U] the distinct indices, ascending (int64)
-    matrix: Tensor  #: [U, n] CSR with int32 indices and unit values: row u adds the entries whose index is rows[u]
-
-
-def scatter_matrix(index: Tensor, ones: Tensor | None = None) -> ScatterMatrix:
-    """The matrix of the scatter-add of ``index`` [n]: ``m.matrix @ x`` sums the x[i] of each distinct index in the order
-    of i, as ``zeros.index_add_(0, index, x)`` does (the same sums to the bit on the CPU), and
-    ``out.index_add_(0, m.rows, m.matrix @ x)`` adds them into their rows. On the CPU, index_add_ adds one entry at
-    a time on one thread; the sparse product adds the rows on all cores, 3-4 times faster on 2 (docs/results.md
-    section 29): worth it where one index serves several scatters (a neighbour table between rebuilds). ``ones``: a
-    tensor of ones, at least as long as ``index``, the matrices of one caller share as their values."""
-    order = torch.argsort(index, stable=True)
-    rows, counts = torch.unique_consecutive(index[order], return_counts=True)
-    if len(index) >= 2**31:
-        raise ValueError(f"scatter_matrix: {len(index)} entries do not fit int32 indices")
-    crow = torch.zeros(len(rows) + 1, dtype=torch.int32, device=index.device)
-    crow[1:] = counts.cumsum(0)
-    ones = torch.ones(len(index), device=index.device) if ones is None else ones[: len(index)]
-    with warnings.catch_warnings():  # "sparse CSR tensor support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        matrix = torch.sparse_csr_tensor(crow, order.to(torch.int32), ones, size=(len(rows), len(index)))
-    return ScatterMatrix(rows, matrix)
+    On the CPU, index_add_ adds one entry at a time on one thread; the sparse product adds the rows on all cores, about
+    three times faster on 2 (docs/results.md section 29): worth it where one index serves several scatters (a
+    neighbour table between rebuilds). All the matrices' indices live in two buffers allocated first, and their values
+    in one vector of ones, so the temporaries of the sorts leave no holes between kept pieces in the heap."""
+    n = index.numel()
+    if max(n, n_rows) >= 2**31:
+        raise ValueError(f"scatter_matrices: {n} entries into {n_rows} rows do not fit int32 indices")
+    width, n_chunks = index.shape[1], -(-len(index) // chunk)
+    cols = torch.empty(n, dtype=torch.int32, device=index.device)
+    crows = torch.zeros(n_chunks, n_rows + 1, dtype=torch.int32, device=index.device)
+    ones = torch.ones(min(chunk, len(index)) * width, device=index.device)
+    out = []
+    for i, start in enumerate(range(0, len(index), chunk)):
+        idx = index[start : start + chunk].reshape(-1)
+        col = cols[start * width : start * width + len(idx)]
+        col.copy_(torch.argsort(idx, stable=True))
+        torch.cumsum(torch.bincount(idx, minlength=n_rows), 0, out=crows[i, 1:])
+        with warnings.catch_warnings():  # "sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            out.append(torch.sparse_csr_tensor(crows[i], col, ones[: len(idx)], size=(n_rows, len(idx))))
+    return out
 
 
 class _PackedGaussianSum(torch.autograd.Function):

@@ -29,7 +29,7 @@ from torch import Tensor
 from gsvr.geometry import matrix_to_axis_angle
 from gsvr.model.field import GaussianField
 from gsvr.ops.gaussians import (PACKED_WIDTH, gaussian_sum_packed, gaussian_sum_parts, gaussian_sum_row_grads, pack_tables,
-                                scatter_matrix)
+                                scatter_matrices)
 from gsvr.ops.knn import knn
 from gsvr.ops.voxel import VoxelGrid
 from gsvr.recon.config import ModelConfig, RefineConfig, SvrSettings
@@ -135,7 +135,7 @@ class VoxelNeighbours:
         self._built_from: tuple | None = None  # the means (the Parameter), and its version and K, of the table
         self._values: tuple | None = None  # (the parameters and the table, their versions and settings, the values)
         self._parts: list | None = None  # per chunk, what the gradient needs of the values (None: not kept)
-        self._scatter: tuple | None = None  # (chunk size, per chunk its table's ScatterMatrix or None), of this table
+        self._scatter: tuple | None = None  # (chunk size, per chunk its table's ScatterMatrix), of this table
 
     def see(self, voxels: Tensor) -> None:
         """Add the voxels ``voxels`` (bool, one per grid voxel) to those evaluated (before the first :meth:`refresh`)."""
@@ -188,8 +188,8 @@ class VoxelNeighbours:
         """Accumulate into the field's parameters the gradient of a loss whose gradient in the voxel values is ``grad``
         [V], chunk by chunk from what :meth:`values` kept (``for_gradient``); a chunk it did not keep is evaluated
         again, one without a non-zero gradient skipped. On the CPU each chunk's rows are added into the table by the
-        sparse matrix of its neighbours (:func:`gsvr.ops.gaussians.scatter_matrix`, built at the first backward of a table):
-        the same sums as index_add_, in a third of the time."""
+        sparse matrix of its neighbours (:func:`gsvr.ops.gaussians.scatter_matrices`, built at the first backward of a
+        table): the same sums as index_add_, in a third of the time."""
         kept = self._parts if self._parts is not None and self._current(field, model) else None
         self._parts = None  # the parameters change next
         if not grad.any():  # no gradient at all: the parameters' gradients stay unset
@@ -198,12 +198,13 @@ class VoxelNeighbours:
         if kept is None:
             kept = [None] * n_chunks
         on_cpu = self.nbr.device.type == "cpu"
-        if on_cpu and (self._scatter is None or self._scatter[0] != model.chunk_pixels):
-            self._scatter = model.chunk_pixels, [None] * n_chunks
+        if on_cpu and self._scatter is not None and self._scatter[0] != model.chunk_pixels:
+            self._scatter = None  # freed before it is built again
         packed = pack_tables(field.tables())
         table = packed.detach()
+        if on_cpu and self._scatter is None:
+            self._scatter = model.chunk_pixels, scatter_matrices(self.nbr, len(table), model.chunk_pixels)
         total = torch.zeros_like(table)
-        ones = torch.ones(model.chunk_pixels * self.nbr.shape[1]) if on_cpu else None
         for i, c in enumerate(self._chunks(model)):
             parts, kept[i] = kept[i], None  # each chunk's parts let go of once used
             if not grad[c].any():
@@ -215,10 +216,7 @@ class VoxelNeighbours:
             if not on_cpu:
                 total.index_add_(0, self.nbr[c].reshape(-1).long(), rows)
                 continue
-            scatter = self._scatter[1]
-            if scatter[i] is None:
-                scatter[i] = scatter_matrix(self.nbr[c].reshape(-1).long(), ones)
-            total.index_add_(0, scatter[i].rows, scatter[i].matrix @ rows)
+            total += self._scatter[1][i] @ rows
         packed.backward(total)
 
     def _chunks(self, model: ModelConfig):
