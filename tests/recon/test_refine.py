@@ -391,7 +391,7 @@ def test_the_stage_brings_the_volume_closer_to_the_truth_than_the_fit_alone(smal
     grids = []  # the grid of each refinement of all slices: the first, then one per registration round
     all_pixels_voxels = refine_stage.all_pixels_voxels
     monkeypatch.setattr(refine_stage, "all_pixels_voxels",
-                        lambda grid, covered, voxels: grids.append(grid) or all_pixels_voxels(grid, covered, voxels))
+                        lambda grid, covered, on_grid: grids.append(grid) or all_pixels_voxels(grid, covered, on_grid))
     psnr = {}
     for refine in (None, {"max_steps": 12}):
         result = reconstruct(stacks_from_simulation(sim), ReconConfig.from_dict({**TINY, "refine": refine}), progress=False)

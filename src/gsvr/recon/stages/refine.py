@@ -80,9 +80,11 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
     del split, target
     log.info("refine: %d of %d slices held out; their error is smallest after %d steps of %d run",
              int(held_slices.sum()), data.n_slices, steps, done[0])
-    if voxels is not None:
+    on_grid = voxels is not None
+    if on_grid:
         log.info("refine: the field evaluated at %d voxels of the output grid (%d in the support)", len(voxels.index),
                  int(voxels.covered.sum()))
+    del voxels  # the split's neighbour table (and its scatter matrices) is not needed again
     settle_bar(state, cfg, split_steps=done[0], steps=steps, register_steps=cfg.round_steps(steps))
 
     def step_done(step: int, loss: float) -> None:
@@ -92,7 +94,7 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
 
     pixels = torch.arange(data.n_pixels, device=pixel_weight.device)
     if steps:
-        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, state.covered, voxels)),
+        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, state.covered, on_grid)),
                      cfg, full.model, k=state.k, steps=steps, on_step=step_done)
     covered = state.covered
     for r in range(cfg.register_rounds if steps else 0):
@@ -110,7 +112,7 @@ def run(state: ReconState, cfg: RefineConfig | None) -> ReconState:
             bar.update(1)
             bar.set_postfix_str(f"refine: round {r + 1}/{cfg.register_rounds}, slice error {loss:.3e}")
 
-        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, covered, voxels)), cfg,
+        refine_field(state.field, quadrature(state, pixels, pixel_weight, all_pixels_voxels(grid, covered, on_grid)), cfg,
                      full.model, k=state.k, steps=min(cfg.register_steps, steps), on_step=round_step)
     state.save(NAME, steps, field=state.field.state())
     log_peak_memory("the refinement on the slices")
@@ -127,10 +129,10 @@ def quadrature(state: ReconState, pixels: torch.Tensor, pixel_weight: torch.Tens
                           psf=state.cfg.model.psf)
 
 
-def all_pixels_voxels(grid: VoxelGrid, covered: torch.Tensor, voxels: VoxelNeighbours | None) -> VoxelNeighbours | None:
+def all_pixels_voxels(grid: VoxelGrid, covered: torch.Tensor, on_grid: bool) -> VoxelNeighbours | None:
     """The neighbour table of a quadrature of all pixels at the current motion: the voxels they see, on the output
-    ``grid`` within its support ``covered`` (None: the PSF-node render)."""
-    return None if voxels is None else VoxelNeighbours(grid, covered)
+    ``grid`` within its support ``covered`` (``on_grid``, ``refine.sampling: grid``), else None (the PSF-node render)."""
+    return VoxelNeighbours(grid, covered) if on_grid else None
 
 
 def settle_bar(state: ReconState, cfg: RefineConfig, *, split_steps: int, steps: int, register_steps: int) -> None:
