@@ -161,28 +161,33 @@ def step_sample(n: int, count: int, step: int, device: torch.device | str = "cpu
 
 
 def select_tikhonov(data: SliceData, motion: SliceMotion, pixel_weight: Tensor, grid: VoxelGrid, s: SvrSettings,
-                    factors: Sequence[float], *, fraction: float = 0.1) -> tuple[float, Tensor, list[tuple[float, float]]]:
+                    factors: Sequence[float], *, fraction: float = 0.1, operator: SliceOperator | None = None
+                    ) -> tuple[float, Tensor, list[tuple[float, float]]]:
     """The gradient penalty, among ``s.tikhonov`` times each of ``factors``, whose super-resolution from the pixels
     outside :func:`holdout_pixels` predicts the held-out pixels best (weighted squared error, the slices' intensity
     scales applied): self-supervised validation of the regularisation strength.
 
     The solves run from the most to the least regularised, each warm-started from the last (with half of
-    ``s.cg_iterations``, the first with all of them). Returns the chosen
+    ``s.cg_iterations``, the first with all of them). They apply the operator of all pixels (``operator``, built here
+    when None), the held-out pixels weighted zero: the solve from all pixels that follows shares it. Returns the chosen
     penalty, its volume (from the training pixels: a warm start for the solve from all of them) and the
     (factor, held-out error) of every factor.
     """
     dev = data.x0.device
     held = holdout_pixels(data.n_pixels, fraction, dev)
-    train, test = torch.nonzero(~held)[:, 0], torch.nonzero(held)[:, 0]
-    op, op_train = SliceOperator(data, motion, grid, s, test), SliceOperator(data, motion, grid, s, train, matrix=True)
+    test = torch.nonzero(held)[:, 0]
+    if operator is None:
+        operator = SliceOperator(data, motion, grid, s, torch.arange(data.n_pixels, device=dev), matrix=True)
+    op = SliceOperator(data, motion, grid, s, test)
     scale = torch.exp(motion.log_scale.detach())[op.sid]
     w = pixel_weight[test]
+    train_weight = torch.where(held, torch.zeros_like(pixel_weight), pixel_weight)
     v, best, errors = None, None, []
     for factor in sorted(factors, reverse=True):
         iterations = s.cg_iterations if v is None else max(s.cg_iterations // 2, 1)
-        v = super_resolve(data, motion, pixel_weight, grid,
-                          dataclasses.replace(s, tikhonov=s.tikhonov * factor, cg_iterations=iterations), pixels=train, init=v,
-                          operator=op_train)
+        v = super_resolve(data, motion, train_weight, grid,
+                          dataclasses.replace(s, tikhonov=s.tikhonov * factor, cg_iterations=iterations), init=v,
+                          operator=operator)
         r = scale * op.forward(v) - data.y[test]
         err = float((w * r * r).sum() / w.sum().clamp_min(1e-12))
         errors.append((factor, err))
@@ -205,12 +210,14 @@ def output_super_resolution(data: SliceData, motion: SliceMotion, pixel_weight: 
     tikhonov = s.tikhonov * (s.spacings_mm[-1] / resolution_mm) ** 2
     final = dataclasses.replace(s, cg_iterations=2 * s.cg_iterations, tikhonov=tikhonov)
     start = None
+    op = SliceOperator(data, motion, grid, s, torch.arange(data.n_pixels, device=data.x0.device), matrix=True)
     if s.output_tikhonov_factors is not None:
-        lam, start, errors = select_tikhonov(data, motion, pixel_weight, grid, final, s.output_tikhonov_factors)
+        lam, start, errors = select_tikhonov(data, motion, pixel_weight, grid, final, s.output_tikhonov_factors,
+                                             operator=op)
         log.info("output super-resolution at %.2f mm: held-out error %s; gradient penalty x%g", resolution_mm,
                  ", ".join(f"x{f:g} {e:.3g}" for f, e in errors), lam / tikhonov)
         final = dataclasses.replace(final, tikhonov=lam, cg_iterations=s.cg_iterations)
-    vol = super_resolve(data, motion, pixel_weight, grid, final, init=start)
+    vol = super_resolve(data, motion, pixel_weight, grid, final, init=start, operator=op)
     return SvrState(torch.where(covered, vol, torch.zeros_like(vol)), grid)
 
 
