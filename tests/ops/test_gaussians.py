@@ -113,16 +113,24 @@ def test_unique_pairs_index_back_to_the_same_pairs():
     assert len(ps) == 7  # (0,1) (0,2) (0,3) (1,1) (1,3) (2,0) (2,3)
 
 
-def test_the_scatter_matrices_add_what_index_add_adds():
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_the_scatter_matrices_add_what_index_add_adds(dtype):
     """Per chunk of rows of the index: every entry into its index's row, repeated indices summed, other rows zero: the
-    sums of index_add_ into zeros to the bit (the same additions in the same order). The last chunk is shorter."""
+    sums of index_add_ into zeros to the bit (the same additions in the same order). The last chunk is shorter. Float64
+    values get float64 matrices; an index beyond the rows is refused."""
     g = torch.Generator().manual_seed(3)
-    index = torch.randint(0, 300, (500, 8), generator=g)
+    index = torch.randint(0, 300, (500, 8), generator=g).to(dtype)
     index[::5, 0] = 7  # one row with many entries
     x = torch.randn(500, 8, 10, generator=g)
     matrices = scatter_matrices(index, 400, 120)
     assert len(matrices) == 5
     for i, m in enumerate(matrices):
-        idx, xi = index[120 * i : 120 * (i + 1)].reshape(-1), x[120 * i : 120 * (i + 1)].reshape(-1, 10)
+        idx, xi = index[120 * i : 120 * (i + 1)].reshape(-1).long(), x[120 * i : 120 * (i + 1)].reshape(-1, 10)
         assert m.shape == (400, len(idx)) and m.col_indices().dtype == torch.int32
         assert torch.equal(m @ xi, torch.zeros(400, 10).index_add_(0, idx, xi))
+    m64 = scatter_matrices(index, 400, 120, dtype=torch.float64)[0]
+    assert torch.equal(m64 @ x[:120].reshape(-1, 10).double(),
+                       torch.zeros(400, 10, dtype=torch.float64).index_add_(0, index[:120].reshape(-1).long(),
+                                                                            x[:120].reshape(-1, 10).double()))
+    with pytest.raises(ValueError, match="outside"):
+        scatter_matrices(index, 250, 120)

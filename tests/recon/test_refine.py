@@ -214,6 +214,15 @@ def test_the_gradient_from_what_the_values_kept_equals_the_gradient_evaluated_ag
 
     per_chunk = model.chunk_pixels * (model.k_neighbors * 32 + 8)  # the [P, K] parts, the sum and its denominator
     every, _, n_every = through_voxels(field, 2**40)
+    scatter_bytes = 4 * (model.chunk_pixels * model.k_neighbors + field.n + 1) * (n_chunks // 2)
+    monkeypatch.setattr(refine_module, "SCATTER_BYTES", scatter_bytes)  # half the chunks by index_add_
+    voxels._scatter = None
+    partly, _, _ = through_voxels(field, 2**40)
+    assert len(voxels._scatter[1]) == n_chunks // 2
+    for a, b in zip(every, partly, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+    monkeypatch.undo()
+    voxels._scatter = None  # built again for every chunk
     half, _, n_half = through_voxels(field, per_chunk * (n_chunks // 2))
     none, _, n_none = through_voxels(field, 0)
     assert (n_every, n_none) == (n_chunks, 0) and 0 < n_half < n_chunks

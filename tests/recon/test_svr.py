@@ -260,6 +260,26 @@ def test_the_held_out_error_chooses_weak_smoothing_for_clean_slices_and_strong_f
     assert min(rmse, key=rmse.get) == expected, rmse
 
 
+def test_a_solve_from_some_pixels_is_the_solve_from_all_with_the_others_weighted_zero(moved):
+    """What select_tikhonov relies on to share one acquisition matrix: the operator of the chosen pixels, or that of all
+    pixels with the others weighted zero, give the same volume (the same normal equations, penalty scaled alike)."""
+    from gsvr.recon.svr import SliceOperator, holdout_pixels
+
+    sim, data, _, stacks = moved
+    truth = _true_motion(sim, data, stacks)
+    grid = VoxelGrid.covering(data.x0, 1.6, 6.0)
+    s = SvrSettings(cg_iterations=8, tikhonov=0.05)
+    held = holdout_pixels(data.n_pixels, 0.3)
+    weight = torch.rand(data.n_pixels, generator=torch.Generator().manual_seed(2)) + 0.5
+    some = super_resolve(data, truth, weight, grid, s, pixels=torch.nonzero(~held)[:, 0])
+    every = SliceOperator(data, truth, grid, s, torch.arange(data.n_pixels), matrix=True)
+    zeroed = super_resolve(data, truth, torch.where(held, 0.0, weight), grid, s, operator=every)
+    assert float(some.abs().max()) > 0.1
+    torch.testing.assert_close(zeroed, some, rtol=1e-4, atol=1e-5 * float(some.abs().max()))
+    all_pixels = super_resolve(data, truth, weight, grid, s, operator=every)
+    assert not torch.allclose(all_pixels, some, atol=1e-3 * float(some.abs().max()))  # the held-out pixels do count
+
+
 @pytest.mark.parametrize("spacing, radius", [(0.8, 2.0), (1.3, 0.5), (0.5, 3.1)])
 def test_support_mask_is_the_brute_force_radius_test(spacing, radius):
     """The distance-transform shortcut decides every voxel as the nearest-neighbour test of all of them does: points on

@@ -261,29 +261,32 @@ def gaussian_sum_parts_backward(parts: SumParts, nbr: Tensor, grad_out: Tensor, 
     return -rows[..., 0:3].sum(1), g_packed
 
 
-def scatter_matrices(index: Tensor, n_rows: int, chunk: int) -> list[Tensor]:
+def scatter_matrices(index: Tensor, n_rows: int, chunk: int, *, dtype: torch.dtype = torch.float32) -> list[Tensor]:
     """The scatter-adds of ``index`` [V, K] into ``n_rows`` rows, ``chunk`` rows of it at a time, as [n_rows, n] sparse
-    matrices (CSR, int32 indices, unit values; n the entries of a chunk, in their row-major order): ``m @ x`` sums the
-    x[i] of each index in the order of i, the same sums to the bit as ``zeros.index_add_(0, index_chunk.reshape(-1),
-    x)`` on the CPU.
+    matrices (CSR, int32 indices, unit values of ``dtype``; n the entries of a chunk, in their row-major order):
+    ``m @ x`` sums the x[i] of each index, as ``zeros.index_add_(0, index_chunk.reshape(-1), x)`` does; measured on
+    torch 2.13's CPU build, the same sums to the bit (each row's entries added in their order).
 
     On the CPU, index_add_ adds one entry at a time on one thread; the sparse product adds the rows on all cores, about
     three times faster on 2 (docs/results.md section 29): worth it where one index serves several scatters (a
-    neighbour table between rebuilds). All the matrices' indices live in two buffers allocated first, and their values
-    in one vector of ones, so the temporaries of the sorts leave no holes between kept pieces in the heap."""
-    n = index.numel()
-    if max(n, n_rows) >= 2**31:
-        raise ValueError(f"scatter_matrices: {n} entries into {n_rows} rows do not fit int32 indices")
+    neighbour table between rebuilds). All the matrices' indices live in two buffers allocated first (4 bytes per
+    entry, and per chunk 4 bytes per row), and their values in one vector of ones, so the temporaries of the sorts
+    leave no holes between kept pieces in the heap."""
     width, n_chunks = index.shape[1], -(-len(index) // chunk)
-    cols = torch.empty(n, dtype=torch.int32, device=index.device)
+    if max(chunk * width, n_rows + 1) >= 2**31:
+        raise ValueError(f"scatter_matrices: chunks of {chunk * width} entries into {n_rows} rows do not fit int32 indices")
+    cols = torch.empty(index.numel(), dtype=torch.int32, device=index.device)
     crows = torch.zeros(n_chunks, n_rows + 1, dtype=torch.int32, device=index.device)
-    ones = torch.ones(min(chunk, len(index)) * width, device=index.device)
+    ones = torch.ones(min(chunk, len(index)) * width, dtype=dtype, device=index.device)
     out = []
     for i, start in enumerate(range(0, len(index), chunk)):
         idx = index[start : start + chunk].reshape(-1)
         col = cols[start * width : start * width + len(idx)]
         col.copy_(torch.argsort(idx, stable=True))
-        torch.cumsum(torch.bincount(idx, minlength=n_rows), 0, out=crows[i, 1:])
+        counts = torch.bincount(idx, minlength=n_rows)
+        if len(counts) != n_rows:  # (bincount refuses negative ones)
+            raise ValueError(f"scatter_matrices: an index outside [0, {n_rows})")
+        torch.cumsum(counts, 0, out=crows[i, 1:])
         with warnings.catch_warnings():  # "sparse CSR tensor support is in beta state"
             warnings.simplefilter("ignore", UserWarning)
             out.append(torch.sparse_csr_tensor(crows[i], col, ones[: len(idx)], size=(n_rows, len(idx))))

@@ -41,6 +41,10 @@ from gsvr.recon.svr import SliceOperator, fit_scales_and_residuals, psf_quadratu
 #: them is evaluated again by the backward pass. 512 MiB hold about 500 000 voxels at K = 32, a fetal brain's support
 #: at 0.8 mm.
 KEPT_BYTES = 512 * 2**20
+#: Most bytes of the scatter matrices :meth:`VoxelNeighbours.backward` keeps per neighbour table (4 bytes per voxel and
+#: neighbour, and 4 per Gaussian per chunk): chunks beyond them scatter by index_add_. 128 MiB hold about 800 000 voxels
+#: at K = 32 and 50 000 Gaussians.
+SCATTER_BYTES = 128 * 2**20
 
 
 def holdout_slices(n_slices: int, fraction: float) -> Tensor:
@@ -117,6 +121,10 @@ class PsfQuadrature:
     def release(self) -> None:
         """Nothing to let go of (see :meth:`GridQuadrature.release`)."""
 
+    def shares(self, other) -> bool:
+        """Whether ``other`` evaluates the field where this does (never: each keeps its own nodes' neighbours)."""
+        return False
+
 
 class VoxelNeighbours:
     """The voxels where :class:`GridQuadrature` evaluates the field, and each one's K nearest Gaussians (int32), shared
@@ -135,7 +143,7 @@ class VoxelNeighbours:
         self._built_from: tuple | None = None  # the means (the Parameter), and its version and K, of the table
         self._values: tuple | None = None  # (the parameters and the table, their versions and settings, the values)
         self._parts: list | None = None  # per chunk, what the gradient needs of the values (None: not kept)
-        self._scatter: tuple | None = None  # (chunk size, per chunk its table's ScatterMatrix), of this table
+        self._scatter: tuple | None = None  # (chunk size, the scatter matrices of the first chunks), of this table
 
     def see(self, voxels: Tensor) -> None:
         """Add the voxels ``voxels`` (bool, one per grid voxel) to those evaluated (before the first :meth:`refresh`)."""
@@ -189,7 +197,7 @@ class VoxelNeighbours:
         [V], chunk by chunk from what :meth:`values` kept (``for_gradient``); a chunk it did not keep is evaluated
         again, one without a non-zero gradient skipped. On the CPU each chunk's rows are added into the table by the
         sparse matrix of its neighbours (:func:`gsvr.ops.gaussians.scatter_matrices`, built at the first backward of a
-        table): the same sums as index_add_, in a third of the time."""
+        table, for as many chunks as ``SCATTER_BYTES`` hold): the sums of index_add_, in a third of the time."""
         kept = self._parts if self._parts is not None and self._current(field, model) else None
         self._parts = None  # the parameters change next
         if not grad.any():  # no gradient at all: the parameters' gradients stay unset
@@ -203,7 +211,10 @@ class VoxelNeighbours:
         packed = pack_tables(field.tables())
         table = packed.detach()
         if on_cpu and self._scatter is None:
-            self._scatter = model.chunk_pixels, scatter_matrices(self.nbr, len(table), model.chunk_pixels)
+            per_chunk = 4 * (model.chunk_pixels * self.nbr.shape[1] + len(table) + 1)
+            n_built = min(n_chunks, SCATTER_BYTES // per_chunk) * model.chunk_pixels
+            self._scatter = model.chunk_pixels, scatter_matrices(self.nbr[:n_built], len(table), model.chunk_pixels,
+                                                                 dtype=table.dtype)
         total = torch.zeros_like(table)
         for i, c in enumerate(self._chunks(model)):
             parts, kept[i] = kept[i], None  # each chunk's parts let go of once used
@@ -213,10 +224,10 @@ class VoxelNeighbours:
                 parts = gaussian_sum_parts(self.points[c], self.nbr[c].long(), table, mode=model.render_mode,
                                            delta=model.delta)
             rows = gaussian_sum_row_grads(parts, grad[c]).reshape(-1, PACKED_WIDTH)
-            if not on_cpu:
+            if on_cpu and i < len(self._scatter[1]):
+                total += self._scatter[1][i] @ rows
+            else:
                 total.index_add_(0, self.nbr[c].reshape(-1).long(), rows)
-                continue
-            total += self._scatter[1][i] @ rows
         packed.backward(total)
 
     def _chunks(self, model: ModelConfig):
@@ -324,6 +335,10 @@ class GridQuadrature:
         """Let go of what a ``keep`` evaluation kept for a training step that did not follow."""
         self.voxels.release()
 
+    def shares(self, other) -> bool:
+        """Whether ``other`` evaluates the field at these voxels (a split's training and held-out pixels)."""
+        return isinstance(other, GridQuadrature) and other.voxels is self.voxels
+
 
 def refine_field(field: GaussianField, train: PsfQuadrature | GridQuadrature, cfg: RefineConfig, model: ModelConfig, *,
                  k: int, steps: int, held: PsfQuadrature | GridQuadrature | None = None,
@@ -343,8 +358,10 @@ def refine_field(field: GaussianField, train: PsfQuadrature | GridQuadrature, cf
     for step in range(steps + 1):
         if held is not None and (step % cfg.every == 0 or step == steps):
             held.refresh(field, k, model.knn_backend)
-            # (a quadrature sharing the training pixels' voxels keeps what the step after it needs of their values)
-            err = held.error(field, model, keep=step < steps)
+            # a quadrature sharing the training pixels' voxels keeps what the step after it needs of their values,
+            # unless that step rebuilds the neighbour table first
+            keep = step < steps and held.shares(train) and not (step and step % model.knn_every == 0)
+            err = held.error(field, model, keep=keep)
             if on_held is not None:
                 on_held(step, err)
             if err < best:
