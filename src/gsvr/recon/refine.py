@@ -206,15 +206,14 @@ class VoxelNeighbours:
         if kept is None:
             kept = [None] * n_chunks
         on_cpu = self.nbr.device.type == "cpu"
-        if on_cpu and self._scatter is not None and self._scatter[0] != model.chunk_pixels:
+        if on_cpu and (self._scatter is None or self._scatter[0] != model.chunk_pixels):
             self._scatter = None  # freed before it is built again
+            per_chunk = 4 * (model.chunk_pixels * self.nbr.shape[1] + field.n + 1)
+            n_built = min(n_chunks, SCATTER_BYTES // per_chunk) * model.chunk_pixels
+            self._scatter = model.chunk_pixels, scatter_matrices(self.nbr[:n_built], field.n, model.chunk_pixels,
+                                                                 dtype=field.means.dtype)
         packed = pack_tables(field.tables())
         table = packed.detach()
-        if on_cpu and self._scatter is None:
-            per_chunk = 4 * (model.chunk_pixels * self.nbr.shape[1] + len(table) + 1)
-            n_built = min(n_chunks, SCATTER_BYTES // per_chunk) * model.chunk_pixels
-            self._scatter = model.chunk_pixels, scatter_matrices(self.nbr[:n_built], len(table), model.chunk_pixels,
-                                                                 dtype=table.dtype)
         total = torch.zeros_like(table)
         for i, c in enumerate(self._chunks(model)):
             parts, kept[i] = kept[i], None  # each chunk's parts let go of once used
